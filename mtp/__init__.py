@@ -1,0 +1,12 @@
+"""mtp: multi-token prediction language models and self-speculative decoding."""
+
+from mtp.config import PRESETS, ModelConfig, TrainConfig, preset
+from mtp.errors import MTPError
+from mtp.losses import head_metrics, mtp_loss_backward, multi_token_targets, naive_loss, parse_loss_weights
+from mtp.model import MTPTransformer
+
+__all__ = [
+    "PRESETS", "ModelConfig", "TrainConfig", "preset", "MTPError", "MTPTransformer",
+    "head_metrics", "mtp_loss_backward", "multi_token_targets", "naive_loss", "parse_loss_weights",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,200 @@
+"""Typed configs with validation, and named presets.
+
+`ModelConfig` describes the architecture (it is what `config.json` in a checkpoint holds);
+`TrainConfig` describes one training run. Both validate on construction and raise `MTPError`
+with one clear line for out-of-range values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtp.errors import MTPError
+
+HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    dim: int = 256
+    n_layers: int = 6  # total transformer blocks, heads included (parameter-matched)
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    multiple_of: int = 32  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512
+    n_future: int = 1  # number of prediction heads (n in the paper)
+    head_type: str = "parallel"
+    offsets: list[int] | None = None  # token offset each head predicts; None = 1..n_future
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.offsets is not None:
+            self.offsets = [int(o) for o in self.offsets]
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size, computed as in Meta's Llama / MTP release."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def head_offsets(self) -> list[int]:
+        return list(self.offsets) if self.offsets is not None else list(range(1, self.n_future + 1))
+
+    @property
+    def n_layer_blocks(self) -> int:
+        """Blocks in `layers` (trunk + next-token head, or the whole trunk for linear heads)."""
+        if self.head_type == "linear":
+            return self.n_layers
+        return self.n_layers - self.n_future + 1
+
+    @property
+    def n_trunk(self) -> int:
+        """Blocks shared by all heads."""
+        return self.n_layer_blocks if self.head_type == "linear" else self.n_layer_blocks - 1
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise MTPError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_future < 1:
+            bad(f"n_future must be >= 1, got {self.n_future}")
+        if self.head_type not in HEAD_TYPES:
+            bad(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
+        if self.head_type != "linear" and self.n_future > self.n_layers:
+            bad(
+                f"n_future={self.n_future} heads need at least {self.n_future} blocks, "
+                f"but n_layers={self.n_layers}"
+            )
+        if self.dim % self.n_heads:
+            bad(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            bad(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            bad(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.offsets is not None:
+            if len(self.offsets) != self.n_future:
+                bad(f"{len(self.offsets)} offsets given for n_future={self.n_future}")
+            if self.offsets[0] != 1:
+                bad(f"the first head must predict the next token (offset 1), got offsets {self.offsets}")
+            if any(b <= a for a, b in zip(self.offsets, self.offsets[1:])):
+                bad(f"offsets must be strictly increasing, got {self.offsets}")
+            if self.head_type == "sequential" and self.offsets != list(range(1, self.n_future + 1)):
+                bad("sequential heads predict consecutive tokens; offsets must be 1..n_future")
+            if self.offsets[-1] >= self.max_seq_len:
+                bad(f"offset {self.offsets[-1]} is not below max_seq_len={self.max_seq_len}")
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MTPError(f"invalid model config: unknown fields {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise MTPError(f"invalid model config: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise MTPError(f"cannot read model config {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise MTPError(f"model config {path} is not a JSON object")
+        return cls.from_dict(d)
+
+
+# Named layouts. vocab_size is set from the tokenizer at training time unless given.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, max_seq_len=128, multiple_of=16),
+    "small": dict(dim=256, n_layers=6, n_heads=8, max_seq_len=256, multiple_of=64),
+    "gpt2-124m": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, multiple_of=256),
+    "350m": dict(dim=1024, n_layers=24, n_heads=16, max_seq_len=2048, multiple_of=256),
+    "1b": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, max_seq_len=2048, multiple_of=256),
+    # Meta's released 7B multi-token models (params.json of facebook/multi-token-prediction).
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096, multiple_of=256, vocab_size=32000),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise MTPError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    args = dict(PRESETS[name])
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**args)
+
+
+@dataclass
+class TrainConfig:
+    corpus: list[str] = field(default_factory=lambda: ["stdlib"])
+    out: str = "runs/mtp"
+    steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    loss_weights: str = "uniform"
+    memory_efficient: bool = True
+    ce_chunk: int = 2048  # tokens per cross-entropy chunk in the memory-efficient loss
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
+    compile: bool = False
+    tokenizer: str | None = None  # None = byte-level
+    val_fraction: float = 0.005
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise MTPError(f"invalid training config: {msg}")
+
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            bad(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 < self.val_fraction < 1:
+            bad(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            bad(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,217 @@
+"""Multi-token targets, head weighting, and the memory-efficient forward/backward.
+
+The loss is sum_i w_i * CE_i, where CE_i is head i's mean cross-entropy over the positions
+whose target (the token `offset_i` ahead) lies inside the window. Positions past the end are
+ignored, never wrapped.
+
+`naive_loss` materialises every head's logits at once (B, T, n, V) and is the reference.
+`mtp_loss_backward` computes the same loss and gradients with at most one head's activations and
+one chunk of logits alive at a time: the trunk runs forward once, each head runs forward and
+backward in turn with the gradient accumulating at the trunk output, the cross-entropy is fused
+with the unembedding and chunked over tokens (a full (B*T, V) logit tensor never exists), and the
+trunk runs backward once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mtp.errors import MTPError
+from mtp.model import TRUNK, MTPTransformer
+
+IGNORE = -100
+
+
+# ---- head weighting -----------------------------------------------------------------------
+def parse_loss_weights(spec: str, n: int) -> list[float]:
+    """Per-head weights from a spec string.
+
+    uniform          every head weight 1 (the paper)
+    main[:LAMBDA]    next-token head 1, the others LAMBDA / (n - 1) each, i.e.
+                     main + LAMBDA * mean(extra) (DeepSeek-V3 / Megatron; default LAMBDA 0.3)
+    geometric[:G]    head i gets G**i (default G 0.5)
+    nth              only the next-token head and the farthest head (weight 1 each)
+    w1,w2,...,wn     explicit weights, one per head
+    """
+    spec = spec.strip()
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "uniform" and not arg:
+            return [1.0] * n
+        if name == "main":
+            lam = float(arg) if arg else 0.3
+            return [1.0] + [lam / (n - 1)] * (n - 1)
+        if name == "geometric":
+            g = float(arg) if arg else 0.5
+            return [g**i for i in range(n)]
+        if name == "nth" and not arg:
+            return [1.0] + [0.0] * (n - 2) + [1.0] if n > 1 else [1.0]
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise MTPError(f"invalid loss weights {spec!r}: expected uniform, main:L, geometric:G, nth or a list") from None
+    if len(weights) != n:
+        raise MTPError(f"loss weights {spec!r} give {len(weights)} weights for {n} heads")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise MTPError(f"loss weights {spec!r} must be >= 0 with a positive sum")
+    return weights
+
+
+def multi_token_targets(window: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Labels for every head from one token row.
+
+    window (B, T + 1): the model reads window[:, :T]; head i at position t predicts
+    window[:, t + offsets[i]]. Returns (B, T, n) with IGNORE where t + offset > T."""
+    B, T1 = window.shape
+    T = T1 - 1
+    labels = torch.full((B, T, len(offsets)), IGNORE, dtype=torch.long, device=window.device)
+    for i, o in enumerate(offsets):
+        if o <= T:
+            labels[:, : T - o + 1, i] = window[:, o:]
+    return labels
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # weighted total (detached for the memory-efficient path)
+    per_head: list[float]  # each head's mean cross-entropy (NaN for a head that was skipped)
+
+
+def _head_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over valid labels; 0 (with a graph) when none is valid."""
+    valid = int((labels != IGNORE).sum())
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return ce / max(valid, 1)
+
+
+def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]) -> LossOutput:
+    """Reference: all heads' logits at once, one autograd graph. Call .loss.backward()."""
+    x = window[:, :-1]
+    labels = multi_token_targets(window, model.config.head_offsets)
+    logits = model(x, return_all_heads=True)  # (B, T, n, V)
+    per_head = [_head_ce(logits[:, :, i], labels[:, :, i]) for i in range(logits.shape[2])]
+    total = sum(w * ce for w, ce in zip(weights, per_head))
+    return LossOutput(total, [float(ce.detach()) for ce in per_head])
+
+
+# ---- fused unembedding + cross-entropy, chunked over tokens -----------------------------------
+def fused_linear_cross_entropy(
+    z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of CE(z @ weight.T, labels) and the gradients of scale * that sum, chunk by chunk.
+
+    z (N, D) normalised hidden states, weight (V, D), labels (N,) with IGNORE.
+    Returns (ce_sum float32 scalar, dz (N, D) in z's dtype, dweight (V, D) float32).
+    At most (chunk, V) logits exist at a time."""
+    cdt = compute_dtype or z.dtype
+    w = weight.detach().to(cdt)
+    dz = torch.empty_like(z)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    with torch.autocast(z.device.type, enabled=False):
+        for s in range(0, z.shape[0], chunk):
+            zc, lc = z[s : s + chunk].to(cdt), labels[s : s + chunk]
+            logits = (zc @ w.T).float()  # (c, V)
+            valid = lc != IGNORE
+            safe = lc.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            ce_sum += ((lse - picked) * valid).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(1, safe[:, None], -valid[:, None].float())
+            grad.mul_(valid[:, None].float() * scale)  # d(scale * ce_sum) / d logits
+            g = grad.to(cdt)
+            dz[s : s + chunk] = (g @ w).to(z.dtype)
+            dw += (g.T @ zc).float()
+    return ce_sum, dz, dw
+
+
+def mtp_loss_backward(
+    model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
+    chunk: int = 2048, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
+) -> LossOutput:
+    """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
+    into .grad (so it composes with gradient accumulation). Same result as naive_loss."""
+    x = window[:, :-1]
+    labels = multi_token_targets(window, model.config.head_offsets)
+    n = len(model.parents)
+    children: dict[int, list[int]] = {TRUNK: []}
+    for i, p in enumerate(model.parents):
+        children.setdefault(p, []).append(i)
+    # heads that matter: a positive weight, or a descendant with one
+    needed = [False] * n
+    for i in reversed(model.head_order()):
+        needed[i] = weights[i] > 0 or any(needed[c] for c in children.get(i, []))
+
+    out_weight = model.output.weight
+    dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device)
+    per_head = [float("nan")] * n  # heads that are never run (zero weight, no dependants) stay NaN
+    total = 0.0
+
+    def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
+        """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
+        nonlocal dw_total, total
+        lab = labels[:, :, i].reshape(-1)
+        n_valid = int((lab != IGNORE).sum())
+        out_d = out.detach().requires_grad_()
+        z = model.norm(out_d)  # (B, T, D)
+        ce_sum, dz, dw = fused_linear_cross_entropy(
+            z.detach().reshape(-1, z.shape[-1]), out_weight, lab,
+            scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
+        )
+        per_head[i] = float(ce_sum) / max(n_valid, 1)
+        total += weights[i] * per_head[i]
+        if weights[i] == 0:
+            return None
+        dw_total += dw
+        torch.autograd.backward(z, dz.view_as(z))
+        return out_d.grad
+
+    def visit(i: int, inp: torch.Tensor) -> torch.Tensor | None:
+        """Forward head i (and its subtree), backward it; returns the gradient at its input."""
+        inp_d = inp.detach().requires_grad_()
+        out = model.run_head(i, inp_d, x)  # (B, T, D)
+        grads = [head_ce_grad(i, out)]
+        grads += [visit(c, out) for c in children.get(i, []) if needed[c]]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return None
+        torch.autograd.backward(out, sum(grads))
+        return inp_d.grad
+
+    h = model.trunk(x)  # (B, T, D)
+    trunk_grads = [g for c in children[TRUNK] if needed[c] and (g := visit(c, h)) is not None]
+    if trunk_grads:
+        torch.autograd.backward(h, sum(trunk_grads))
+    if out_weight.grad is None:
+        out_weight.grad = dw_total.to(out_weight.dtype)
+    else:
+        out_weight.grad += dw_total.to(out_weight.dtype)
+    return LossOutput(torch.tensor(total), per_head)
+
+
+# ---- held-out metrics ---------------------------------------------------------------------
+@torch.no_grad()
+def head_metrics(model: MTPTransformer, window: torch.Tensor, chunk: int = 2048) -> dict[str, torch.Tensor]:
+    """Per-head sums over one batch: cross-entropy, correct top-1 predictions, counted targets.
+    Returns tensors of shape (n,) under keys ce_sum, correct, count."""
+    x = window[:, :-1]
+    labels = multi_token_targets(window, model.config.head_offsets)
+    outs = model.heads_hidden(model.trunk(x), x)
+    n = len(outs)
+    ce_sum, correct, count = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+    for i, out in enumerate(outs):
+        z = model.norm(out).reshape(-1, out.shape[-1])
+        lab = labels[:, :, i].reshape(-1)
+        for s in range(0, z.shape[0], chunk):
+            logits = model.output(z[s : s + chunk]).float()
+            lc = lab[s : s + chunk]
+            valid = lc != IGNORE
+            ce = F.cross_entropy(logits, lc, ignore_index=IGNORE, reduction="sum")
+            ce_sum[i] += float(ce)
+            correct[i] += float(((logits.argmax(-1) == lc) & valid).sum())
+            count[i] += float(valid.sum())
+    return {"ce_sum": ce_sum, "correct": correct, "count": count}

@@ -1,0 +1,266 @@
+"""A Llama-style decoder with n future-token prediction heads on a shared trunk.
+
+Parameter names follow Meta's multi-token release (tok_embeddings, layers.{i}.attention.wq, ...,
+extra_heads.{j}..., norm, output), so its checkpoints load without renaming. Rotary embeddings
+use Meta's interleaved-pair convention for the same reason.
+
+Layout (parameter-matched, as in the paper): with n_layers blocks and n_future = n,
+`layers` holds the n_layers - n trunk blocks plus the next-token head (the last entry), and
+`extra_heads` the n - 1 other heads. All heads share the final `norm` and the `output`
+unembedding. For `linear` heads the trunk keeps all n_layers blocks, the next-token head is the
+identity and each extra head is one d x d map.
+
+Head i (0-based) predicts the token at offset `config.head_offsets[i]` (1, 2, ..., n by default)
+and reads its input from `parents[i]`: -1 is the trunk's output, otherwise another head's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtp.config import ModelConfig
+
+TRUNK = -1  # parent index meaning "the trunk's output"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_len, head_dim // 2), float32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) of x (B, T, H, hd) by position; cos/sin (T, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class SequentialHead(TransformerBlock):
+    """DeepSeek-V3 style depth: combine the previous depth's hidden state at position t with the
+    embedding of token t + k, project 2d -> d, then one transformer block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, emb_future: torch.Tensor | None = None):  # type: ignore[override]
+        x = self.eh_proj(torch.cat([self.hnorm(x), self.enorm(emb_future)], dim=-1))
+        return super().forward(x, cos, sin)
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        n = cfg.n_future
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer_blocks))
+        if cfg.head_type == "linear":
+            extra = [nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(n - 1)]
+        elif cfg.head_type == "sequential":
+            extra = [SequentialHead(cfg) for _ in range(n - 1)]
+        else:
+            extra = [TransformerBlock(cfg) for _ in range(n - 1)]
+        self.extra_heads = nn.ModuleList(extra)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.parents = self._parents(cfg.head_type, n)
+        self.reset_parameters()
+
+    @staticmethod
+    def _parents(head_type: str, n: int) -> list[int]:
+        if head_type == "causal" or head_type == "sequential":
+            return [TRUNK] + list(range(n - 1))  # head i reads head i-1
+        if head_type == "anticausal":
+            return list(range(1, n)) + [TRUNK]  # the farthest head reads the trunk
+        return [TRUNK] * n  # parallel, linear
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        std = cfg.init_std
+        # residual output projections scaled down by depth (GPT-2 / nanoGPT), so that the
+        # residual stream keeps its scale however many heads add blocks on top of the trunk
+        resid_std = std / math.sqrt(2 * cfg.n_layers)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(mod.weight, 0.0, resid_std if last in ("wo", "w2") else std)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, std)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+        if cfg.head_type == "linear":
+            for head in self.extra_heads:  # start every linear head as the next-token head
+                nn.init.eye_(head.weight)
+
+    # ---- pieces, callable on their own (the loss and the decoder use them) -----------------
+    def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    @property
+    def trunk_blocks(self) -> nn.ModuleList | list[nn.Module]:
+        return self.layers if self.config.head_type == "linear" else self.layers[:-1]
+
+    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding and shared blocks: tokens (B, T) -> hidden (B, T, D)."""
+        T = tokens.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope(T)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for block in self.trunk_blocks:
+            h = block(h, cos, sin)
+        return h
+
+    def head_module(self, i: int) -> nn.Module | None:
+        """The module of head i (None for the identity next-token head of linear heads)."""
+        if i == 0:
+            return None if self.config.head_type == "linear" else self.layers[-1]
+        return self.extra_heads[i - 1]
+
+    def future_embedding(self, tokens: torch.Tensor, shift: int) -> torch.Tensor:
+        """Embedding of token t + shift at each position t, zeros past the end: (B, T, D)."""
+        emb = self.tok_embeddings(tokens[:, shift:])  # (B, T - shift, D)
+        return F.pad(emb, (0, 0, 0, shift))
+
+    def run_head(self, i: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Head i on its input x (B, T, D) -> hidden (B, T, D), before the shared norm.
+
+        Sequential heads also need the input tokens (B, T): depth i reads token t + i."""
+        mod = self.head_module(i)
+        if mod is None:
+            return x
+        if isinstance(mod, nn.Linear):
+            return mod(x)
+        cos, sin = self.rope(x.shape[1])
+        if isinstance(mod, SequentialHead):
+            if tokens is None:
+                raise ValueError("sequential heads need the input tokens")
+            return mod(x, cos, sin, emb_future=self.future_embedding(tokens, i))
+        return mod(x, cos, sin)
+
+    def head_order(self) -> list[int]:
+        """Heads in an order where each head comes after its parent."""
+        order, placed = [], {TRUNK}
+        while len(order) < len(self.parents):
+            for i, p in enumerate(self.parents):
+                if i not in order and p in placed:
+                    order.append(i)
+                    placed.add(i)
+        return order
+
+    def heads_hidden(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """All heads' hidden outputs, in head order 0..n-1."""
+        outs: dict[int, torch.Tensor] = {TRUNK: h}
+        for i in self.head_order():
+            outs[i] = self.run_head(i, outs[self.parents[i]], tokens)
+        return [outs[i] for i in range(len(self.parents))]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shared final norm and unembedding: (..., D) -> (..., V)."""
+        return self.output(self.norm(hidden))
+
+    def forward(self, tokens: torch.Tensor, return_all_heads: bool = False) -> torch.Tensor:
+        """Next-token logits (B, T, V), or every head's logits (B, T, n, V)."""
+        h = self.trunk(tokens)
+        if not return_all_heads:
+            x = h
+            chain = []
+            i = 0
+            while i != TRUNK:  # follow parents from the next-token head back to the trunk
+                chain.append(i)
+                i = self.parents[i]
+            for i in reversed(chain):
+                x = self.run_head(i, x, tokens)
+            return self.logits(x)
+        return self.logits(torch.stack(self.heads_hidden(h, tokens), dim=-2))
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        def count(mods) -> int:
+            return sum(p.numel() for m in mods for p in m.parameters())
+
+        heads = [m for i in range(self.config.n_future) if (m := self.head_module(i)) is not None]
+        return {
+            "total": sum(p.numel() for p in self.parameters()),  # a tied weight counts once
+            "embedding": self.tok_embeddings.weight.numel(),
+            "trunk": count(self.trunk_blocks),
+            "heads": count(heads),
+            "per_head": count(heads[-1:]) if heads else 0,
+            "unembedding": 0 if self.config.tie_embeddings else self.output.weight.numel(),
+        }
