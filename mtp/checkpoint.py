@@ -1,0 +1,140 @@
+"""Checkpoints: a directory with model.safetensors, config.json, the tokenizer's files and, for
+training, trainer_state.pt (loaded with weights_only=True).
+
+Saving is atomic at the directory level: everything is written into a temporary sibling
+directory and fsynced, then swapped in by rename. A crash at any point leaves either the old
+checkpoint or the new one, never a mixture; `resolve_checkpoint` recovers the previous one if the
+crash fell between the two renames of the swap.
+
+A training run directory holds its latest checkpoint in `checkpoint/`; every command that takes
+a checkpoint accepts the run directory or the checkpoint directory itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mtp.config import ModelConfig
+from mtp.errors import MTPError
+from mtp.model import MTPTransformer
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TRAINER_STATE = "model.safetensors", "config.json", "trainer_state.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for a run directory or a checkpoint directory; MTPError if none."""
+    p = Path(path)
+    if not p.exists():
+        raise MTPError(f"checkpoint not found: {p}")
+    for cand in (p, p / "checkpoint", p / "checkpoint.old"):
+        if (cand / CONFIG).is_file():
+            return cand
+    raise MTPError(f"{p} is not a checkpoint (no {CONFIG} in it or in {p / 'checkpoint'})")
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    p = Path(run_dir)
+    return any((p / d / CONFIG).is_file() for d in ("checkpoint", "checkpoint.old"))
+
+
+def save_checkpoint(
+    directory: str | Path, model: MTPTransformer, tokenizer, *,
+    trainer_state: dict | None = None, train_config: dict | None = None, step: int | None = None,
+) -> Path:
+    """Write a checkpoint into `directory` atomically (replacing any previous one there)."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_model(model, str(tmp / WEIGHTS))  # deduplicates a tied unembedding
+        meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+                "train": train_config, "step": step}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(path: str | Path) -> dict:
+    """config.json of a checkpoint, validated: keys format_version, model (ModelConfig), train, step."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise MTPError(f"corrupt checkpoint {ckpt}: cannot read {CONFIG}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise MTPError(f"corrupt checkpoint {ckpt}: {CONFIG} has no model config")
+    meta["model"] = ModelConfig.from_dict(meta["model"])
+    meta["path"] = ckpt
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer, meta) from a run or checkpoint directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from mtp.tokenizers import load_tokenizer
+
+    meta = read_meta(path)
+    ckpt = meta["path"]
+    model = MTPTransformer(meta["model"])
+    weights = ckpt / WEIGHTS
+    if not weights.is_file():
+        raise MTPError(f"corrupt checkpoint {ckpt}: {WEIGHTS} is missing")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise MTPError(f"corrupt checkpoint {ckpt}: cannot load {WEIGHTS}: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise MTPError(
+            f"checkpoint {ckpt} does not match its config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    model.to(device)
+    return model, load_tokenizer(ckpt), meta
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    ckpt = resolve_checkpoint(path)
+    f = ckpt / TRAINER_STATE
+    if not f.is_file():
+        raise MTPError(f"checkpoint {ckpt} has no {TRAINER_STATE}: it cannot be resumed")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt pickle/zip
+        raise MTPError(f"corrupt checkpoint {ckpt}: cannot load {TRAINER_STATE}: {str(e).splitlines()[0]}") from None

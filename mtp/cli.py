@@ -1,0 +1,235 @@
+"""The `mtp` command (also `python -m mtp`, so `torchrun -m mtp train ...` works).
+
+Every command that measures something takes --json: one JSON object on stdout, nothing else
+there; progress and logs go to stderr. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mtp.errors import MTPError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise MTPError(f"{self.prog}: {message}")
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    print(json.dumps(obj) if as_json else text)
+
+
+# ---- mtp train ----------------------------------------------------------------------------
+MODEL_FLAGS = ("preset", "n_future", "head_type", "offsets", "dim", "n_layers", "n_heads",
+               "n_kv_heads", "tie_embeddings", "max_seq_len")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", nargs="*", default=None,
+                   help="directories, globs, files (.jsonl with a text field) or 'stdlib' (default)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl)")
+    m = p.add_argument_group("model (taken from the checkpoint with --resume)")
+    m.add_argument("--preset", default=None, help="tiny, small, gpt2-124m, 350m, 1b, 7b (default small)")
+    m.add_argument("--n-future", type=int, default=None, help="number of prediction heads (default 4)")
+    m.add_argument("--head-type", default=None, help="parallel, linear, causal, anticausal, sequential")
+    m.add_argument("--offsets", default=None, help="token offset each head predicts, e.g. 1,2,4,128")
+    m.add_argument("--dim", type=int, default=None)
+    m.add_argument("--n-layers", type=int, default=None)
+    m.add_argument("--n-heads", type=int, default=None)
+    m.add_argument("--n-kv-heads", type=int, default=None)
+    m.add_argument("--max-seq-len", type=int, default=None)
+    m.add_argument("--tie-embeddings", action="store_true", default=None)
+    t = p.add_argument_group("training")
+    t.add_argument("--loss-weights", default=None, help="uniform, main:L, geometric:G, nth, or w1,...,wn")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    t.add_argument("--tokens", type=float, default=None, help="training tokens instead of --steps")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--grad-accum", type=int, default=None)
+    t.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of steps)")
+    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--naive-loss", action="store_true", help="all heads' logits at once (reference path)")
+    t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--eval-batches", type=int, default=None)
+    t.add_argument("--save-every", type=int, default=None)
+    t.add_argument("--log-every", type=int, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--tokenizer", default=None, help="'byte' (default) or a tokenizer.json")
+    t.add_argument("--val-fraction", type=float, default=None)
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def model_config_from_args(args, vocab_size: int):
+    from mtp.config import preset
+
+    def parse_offsets(s):
+        try:
+            return [int(x) for x in s.split(",")]
+        except ValueError:
+            raise MTPError(f"--offsets must be comma-separated integers, got {s!r}") from None
+
+    return preset(
+        args.preset or "small", vocab_size=vocab_size, n_future=args.n_future if args.n_future is not None else 4,
+        head_type=args.head_type, offsets=parse_offsets(args.offsets) if args.offsets else None, dim=args.dim,
+        n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+        tie_embeddings=args.tie_embeddings, max_seq_len=args.max_seq_len,
+    )
+
+
+TRAIN_DEFAULTS = dict(steps=1000, batch_size=8, grad_accum=1, lr=3e-4, grad_clip=1.0, weight_decay=0.1,
+                      loss_weights="uniform", eval_every=200, eval_batches=8, save_every=500, log_every=10,
+                      seed=1337, val_fraction=0.005, warmup=None, seq_len=None)
+
+
+def cmd_train(args) -> int:
+    from mtp.config import TrainConfig
+    from mtp.tokenizers import get_tokenizer
+    from mtp.train import pad_vocab, train
+
+    if args.steps is not None and args.tokens is not None:
+        raise MTPError("give --steps or --tokens, not both")
+    saved_train, mcfg = {}, None
+    if args.resume:  # unspecified options continue with the checkpoint's own values
+        from mtp.checkpoint import read_meta
+        from mtp.config import ModelConfig
+
+        meta = read_meta(args.out)
+        saved_train = meta.get("train") or {}
+        if any(getattr(args, f) is not None for f in MODEL_FLAGS):
+            base = meta["model"].to_dict()
+            given = model_config_from_args(args, base["vocab_size"]).to_dict()
+            explicit = {f for f in MODEL_FLAGS if getattr(args, f) is not None} - {"preset"}
+            mcfg = ModelConfig.from_dict({**base, **{k: given[k] for k in explicit}})
+    else:
+        tok = get_tokenizer(args.tokenizer)
+        mcfg = model_config_from_args(args, pad_vocab(tok.vocab_size))
+    opt = {k: getattr(args, k) if getattr(args, k) is not None else saved_train.get(k, d)
+           for k, d in TRAIN_DEFAULTS.items()}
+    seq_len = opt["seq_len"] or (mcfg.max_seq_len if mcfg else read_meta(args.out)["model"].max_seq_len)
+    steps = opt["steps"]
+    if args.tokens is not None:
+        steps = max(1, int(args.tokens // (opt["batch_size"] * seq_len * opt["grad_accum"])))
+    warmup = opt["warmup"] if opt["warmup"] is not None else max(1, steps // 20)
+    tcfg = TrainConfig(
+        corpus=args.corpus or saved_train.get("corpus") or ["stdlib"], out=args.out, steps=steps,
+        batch_size=opt["batch_size"], grad_accum=opt["grad_accum"], seq_len=seq_len, lr=opt["lr"], warmup=warmup,
+        weight_decay=opt["weight_decay"], grad_clip=opt["grad_clip"], loss_weights=opt["loss_weights"],
+        memory_efficient=not args.naive_loss, eval_every=opt["eval_every"], eval_batches=opt["eval_batches"],
+        save_every=opt["save_every"], log_every=opt["log_every"], seed=opt["seed"], device=args.device,
+        dtype=args.dtype, compile=args.compile, tokenizer=args.tokenizer, val_fraction=opt["val_fraction"],
+    )
+    res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = {"out": str(res.out), "steps": res.steps, "eval_loss": res.final_eval["loss"],
+               "eval_acc": res.final_eval["acc"], "train_loss": res.train_loss, "tokens_per_s": res.tokens_per_s}
+    lines = [f"trained {res.steps} steps -> {res.out / 'checkpoint'}",
+             "held-out loss per head: " + ", ".join(f"{x:.4f}" for x in res.final_eval["loss"]),
+             "held-out top-1 per head: " + ", ".join(f"{x:.3f}" for x in res.final_eval["acc"]),
+             f"training throughput: {res.tokens_per_s:,.0f} tokens/s"]
+    _emit(summary, args.json, "\n".join(lines))
+    return 0
+
+
+# ---- mtp info -----------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from mtp.checkpoint import load_checkpoint
+
+    model, tok, meta = load_checkpoint(args.checkpoint)
+    cfg = model.config
+    counts = model.param_counts()
+    info = {"path": str(meta["path"]), "step": meta.get("step"), "config": cfg.to_dict(),
+            "params": counts, "tokenizer": {"type": tok.name, "vocab_size": tok.vocab_size},
+            "trunk_blocks": cfg.n_trunk, "head_offsets": cfg.head_offsets}
+    lines = [f"checkpoint  {meta['path']} (step {meta.get('step')})",
+             f"model       dim {cfg.dim}, {cfg.n_layers} blocks, {cfg.n_heads} attention heads "
+             f"({cfg.n_kv_heads} kv), context {cfg.max_seq_len}, vocab {cfg.vocab_size}",
+             f"heads       {cfg.n_future} x {cfg.head_type}, offsets {cfg.head_offsets}, "
+             f"trunk {cfg.n_trunk} blocks",
+             f"tokenizer   {tok.name} ({tok.vocab_size} ids)",
+             "parameters  " + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
+    _emit(info, args.json, "\n".join(lines))
+    return 0
+
+
+# ---- mtp tokenizer train ------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> int:
+    from mtp.data import resolve_corpus
+    from mtp.tokenizers import train_bpe
+
+    if args.vocab_size < 300:
+        raise MTPError(f"--vocab-size must be at least 300 for a byte-level BPE, got {args.vocab_size}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MTPError(f"{out} exists: pass --overwrite to replace it")
+    files = resolve_corpus(args.corpus or ["stdlib"])
+    tok = train_bpe(files, args.vocab_size, out)
+    _emit({"out": str(out), "vocab_size": tok.vocab_size, "files": len(files)}, args.json,
+          f"trained a BPE tokenizer with {tok.vocab_size} ids on {len(files)} files -> {out}")
+    return 0
+
+
+# ---- mtp demo -----------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from mtp.demo import run_demo
+
+    result = run_demo(Path(args.out), steps=args.steps, device=args.device, progress=not args.no_progress)
+    _emit(result, args.json, result["table"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mtp", description="Multi-token prediction language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train a model with n-token prediction")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("info", help="config and parameter counts of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    tp = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    tp.add_argument("corpus", nargs="*")
+    tp.add_argument("--vocab-size", type=int, default=8192)
+    tp.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    tp.add_argument("--overwrite", action="store_true")
+    tp.add_argument("--json", action="store_true")
+    tp.set_defaults(func=cmd_tokenizer_train)
+    p = sub.add_parser("demo", help="quickstart: n=4 vs n=1 on the standard library, on CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except MTPError as e:
+        print(f"mtp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

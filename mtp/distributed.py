@@ -1,0 +1,91 @@
+"""Process-group set-up keyed on torchrun's environment, so CPU, one GPU and N GPUs share one
+training code path.
+
+Gradients are reduced by hand, once per optimizer step (`all_reduce_grads`), rather than by a
+DistributedDataParallel wrapper: the memory-efficient loss runs several partial backward passes
+per micro-batch, and DDP's hooks would reduce after each of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mtp.errors import MTPError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MTPError(f"--device {pref} asked for, but CUDA is not available on this machine")
+        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+    if pref != "cpu":
+        raise MTPError(f"unknown device {pref!r}: use auto, cpu or cuda[:N]")
+    return torch.device("cpu")
+
+
+def setup(device_pref: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_params(model: torch.nn.Module) -> None:
+    """Make every rank start from rank 0's weights."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, bucket_numel: int = 2**25) -> int:
+    """Average gradients over ranks: each gradient is reduced exactly once, packed into flat
+    buckets. A parameter without a gradient counts as zero. Returns the number of collectives."""
+    if world_size == 1:
+        return 0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    calls, bucket, size = 0, [], 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            size += p.grad.numel()
+        if bucket and (p is None or size >= bucket_numel):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            calls += 1
+            bucket, size = [], 0
+    return calls

@@ -1,0 +1,46 @@
+"""Plots from a run's metrics.jsonl (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(ln) for ln in lines if ln.strip()]
+
+
+def plot_head_losses(runs: dict[str, Path], out_png: Path, title: str = "per-head loss") -> Path:
+    """One panel per run: training loss of every head against training tokens (lines) and the
+    held-out loss at each evaluation (markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), sharey=True, squeeze=False)
+    for ax, (label, metrics_path) in zip(axes[0], runs.items()):
+        rows = read_metrics(metrics_path)
+        train = [r for r in rows if r.get("kind") == "train"]
+        evals = [r for r in rows if r.get("kind") == "eval"]
+        tokens_per_step = train[-1]["tokens"] / train[-1]["step"] if train else 1
+        n = len(train[-1]["per_head"]) if train else 0
+        for i in range(n):
+            color = f"C{i}"
+            ax.plot([r["tokens"] for r in train], [r["per_head"][i] for r in train], color=color,
+                    alpha=0.8, lw=1.2, label=f"head {i + 1} (t+{i + 1}) train")
+            if evals:
+                ax.plot([r["step"] * tokens_per_step for r in evals], [r["loss"][i] for r in evals], "o",
+                        color=color, ms=4, label=f"head {i + 1} held-out")
+        ax.set_title(label)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("cross-entropy (nats)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

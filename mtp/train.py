@@ -1,0 +1,262 @@
+"""The training loop: one flat loop for CPU, one GPU and N processes under torchrun.
+
+Run directory layout (OUT):
+  checkpoint/       the latest checkpoint (see mtp.checkpoint), saved atomically
+  metrics.jsonl     one JSON object per logged step ("train") or evaluation ("eval")
+  run.json          the resolved model and training configs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtp import distributed
+from mtp.checkpoint import has_checkpoint, load_checkpoint, load_trainer_state, read_meta, save_checkpoint
+from mtp.config import ModelConfig, TrainConfig
+from mtp.data import build_token_data, check_tokens, eval_batches, sample_batch
+from mtp.errors import MTPError
+from mtp.losses import head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
+from mtp.model import MTPTransformer
+from mtp.tokenizers import get_tokenizer
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the tokenizer's vocabulary up so the unembedding matmul has friendly shapes."""
+    return multiple * math.ceil(n / multiple)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def apply_compile(model: MTPTransformer) -> None:
+    """Compile each block in place: the loss calls the trunk and heads separately, so the blocks
+    (not the whole model's forward) are the unit of compilation."""
+    for block in list(model.layers) + list(model.extra_heads):
+        block.compile()
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """(context, compute dtype): bf16 autocast on CUDA by default, float32 elsewhere."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext(), None
+    return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
+
+
+@torch.no_grad()
+def evaluate(model: MTPTransformer, tokens, cfg: TrainConfig, device: torch.device) -> dict:
+    """Held-out loss and top-1 accuracy of every head."""
+    was_training = model.training
+    model.eval()
+    ctx, _ = autocast_for(device, cfg.dtype)
+    totals = None
+    with ctx:
+        for batch in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+            m = head_metrics(model, batch.to(device), chunk=cfg.ce_chunk)
+            totals = m if totals is None else {k: totals[k] + m[k] for k in m}
+    model.train(was_training)
+    count = totals["count"].clamp(min=1)
+    return {
+        "loss": (totals["ce_sum"] / count).tolist(),
+        "acc": (totals["correct"] / count).tolist(),
+        "tokens": int(totals["count"][0]),
+    }
+
+
+def _rewrite_metrics(path: Path, keep_through_step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_through_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_eval: dict
+    tokens_per_s: float
+    train_loss: list[float]  # last logged per-head training loss
+    model: MTPTransformer
+
+
+def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overwrite: bool):
+    """Check the output directory against --resume / --overwrite before anything is written.
+    Returns (model config, tokenizer spec or loaded tokenizer, trainer state or None)."""
+    out = Path(tcfg.out)
+    exists = has_checkpoint(out)
+    if resume and overwrite:
+        raise MTPError("--resume and --overwrite cannot be combined")
+    if resume:
+        if not exists:
+            raise MTPError(f"--resume: {out} holds no checkpoint to resume from")
+        meta = read_meta(out)
+        if mcfg is not None and mcfg.to_dict() != meta["model"].to_dict():
+            saved = meta["model"].to_dict()
+            diff = [f"{k} {saved.get(k)} -> {v}" for k, v in mcfg.to_dict().items() if saved.get(k) != v]
+            raise MTPError(f"--resume with a different model config than {out}: {', '.join(diff)}")
+        return meta["model"], load_trainer_state(out)
+    if exists and not overwrite:
+        raise MTPError(f"{out} already holds a checkpoint: pass --resume to continue it or --overwrite to replace it")
+    return mcfg, None
+
+
+def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
+          overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train a model. mcfg=None with resume=True takes the config from the checkpoint; a model
+    config whose vocab_size is 0 takes the tokenizer's (padded)."""
+    dist_info = distributed.setup(tcfg.device)
+    device, main = dist_info.device, dist_info.is_main
+    out = Path(tcfg.out)
+    mcfg, state = prepare_run(tcfg, mcfg, resume, overwrite)
+    if mcfg is None:
+        raise MTPError("no model config given")
+    if resume:
+        model, tokenizer, _ = load_checkpoint(out, device)
+    else:
+        tokenizer = get_tokenizer(tcfg.tokenizer)
+        if mcfg.vocab_size < tokenizer.vocab_size:
+            raise MTPError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise MTPError(f"seq_len {tcfg.seq_len} exceeds the model's context max_seq_len {mcfg.max_seq_len}")
+
+    # data: tokenised once into the cache (rank 0 first, the others then open it)
+    if main:
+        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction, progress=progress)
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    if not main:
+        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction, progress=False)
+    check_tokens(data.train, tcfg.seq_len, "training split")
+    check_tokens(data.val, tcfg.seq_len, "held-out split")
+
+    torch.manual_seed(tcfg.seed)
+    if not resume:
+        model = MTPTransformer(mcfg).to(device)
+    distributed.broadcast_params(model)
+    params = list(model.parameters())
+    opt = make_optimizer(model, tcfg)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+    if tcfg.compile:
+        apply_compile(model)
+    weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
+    ctx, compute_dtype = autocast_for(device, tcfg.dtype)
+
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            for name in ("checkpoint", "checkpoint.old"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+        _rewrite_metrics(metrics_path, start)
+        (out / "run.json").write_text(json.dumps({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                                                  "world_size": dist_info.world_size}, indent=2) + "\n")
+
+    def log(record: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step: int) -> None:
+        if main:
+            trainer_state = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+            save_checkpoint(out / "checkpoint", model, tokenizer, trainer_state=trainer_state,
+                            train_config=tcfg.to_dict(), step=step)
+
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist_info.world_size
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               disable=not (progress and main), dynamic_ncols=True)
+    model.train()
+    completed, in_update = start, False
+    last_loss, tok_s, t_window, tokens_window = [], 0.0, time.perf_counter(), 0
+    try:
+        for step in range(start, tcfg.steps):
+            lr = lr_at(step, tcfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            per_head = [0.0] * mcfg.n_future
+            total = 0.0
+            for micro in range(tcfg.grad_accum):
+                batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
+                                     micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
+                with ctx:
+                    if tcfg.memory_efficient:
+                        res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
+                                                grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype)
+                    else:
+                        res = naive_loss(model, batch, weights)
+                        (res.loss / tcfg.grad_accum).backward()
+                total += float(res.loss) / tcfg.grad_accum
+                per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
+            if not math.isfinite(total):
+                raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
+            distributed.all_reduce_grads(params, dist_info.world_size)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")))
+            in_update = True
+            opt.step()
+            completed, in_update = step + 1, False
+            opt.zero_grad(set_to_none=True)
+            tokens_window += tokens_per_step
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                now = time.perf_counter()
+                tok_s = tokens_window / max(now - t_window, 1e-9)
+                t_window, tokens_window = now, 0
+                last_loss = per_head
+                log({"kind": "train", "step": done, "loss": total, "per_head": per_head, "lr": lr,
+                     "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens": done * tokens_per_step})
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+                log({"kind": "eval", "step": done, **evaluate(model, data.val, tcfg, device)})
+            if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
+                save(done)
+    except KeyboardInterrupt:
+        # keep what was trained: the last finished step is saved and can be resumed
+        bar.close()
+        if completed > start and not in_update:
+            save(completed)
+            print(f"interrupted: saved step {completed} to {out / 'checkpoint'}", file=sys.stderr)
+        raise
+    bar.close()
+    final = evaluate(model, data.val, tcfg, device)
+    log({"kind": "eval", "step": tcfg.steps, **final})
+    save(tcfg.steps)
+    return TrainResult(out, tcfg.steps, final, tok_s, last_loss, model)
