@@ -154,11 +154,13 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
 
     # data: tokenised once into the cache (rank 0 first, the others then open it)
     if main:
-        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction, progress=progress)
+        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction,
+                                min_val_tokens=tcfg.seq_len + 1, progress=progress)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     if not main:
-        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction, progress=False)
+        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction,
+                                min_val_tokens=tcfg.seq_len + 1, progress=False)
     check_tokens(data.train, tcfg.seq_len, "training split")
     check_tokens(data.val, tcfg.seq_len, "held-out split")
 
