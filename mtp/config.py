@@ -115,9 +115,15 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise MTPError(f"invalid model config: unknown fields {', '.join(unknown)}")
+        ints = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_future")
+        for k in ints:
+            if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool)):
+                raise MTPError(f"invalid model config: {k} must be an integer, got {d[k]!r}")
+        if d.get("offsets") is not None and not isinstance(d["offsets"], list):
+            raise MTPError(f"invalid model config: offsets must be a list of integers, got {d['offsets']!r}")
         try:
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise MTPError(f"invalid model config: {e}") from None
 
     @classmethod

@@ -14,6 +14,7 @@ trunk runs backward once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +41,23 @@ def parse_loss_weights(spec: str, n: int) -> list[float]:
     name, _, arg = spec.partition(":")
     try:
         if name == "uniform" and not arg:
-            return [1.0] * n
-        if name == "main":
+            weights = [1.0] * n
+        elif name == "main":
             lam = float(arg) if arg else 0.3
-            return [1.0] + [lam / (n - 1)] * (n - 1)
-        if name == "geometric":
+            weights = [1.0] + [lam / (n - 1)] * (n - 1) if n > 1 else [1.0]
+        elif name == "geometric":
             g = float(arg) if arg else 0.5
-            return [g**i for i in range(n)]
-        if name == "nth" and not arg:
-            return [1.0] + [0.0] * (n - 2) + [1.0] if n > 1 else [1.0]
-        weights = [float(w) for w in spec.split(",")]
+            weights = [g**i for i in range(n)]
+        elif name == "nth" and not arg:
+            weights = [1.0] + [0.0] * (n - 2) + [1.0] if n > 1 else [1.0]
+        else:
+            weights = [float(w) for w in spec.split(",")]
     except ValueError:
         raise MTPError(f"invalid loss weights {spec!r}: expected uniform, main:L, geometric:G, nth or a list") from None
     if len(weights) != n:
         raise MTPError(f"loss weights {spec!r} give {len(weights)} weights for {n} heads")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise MTPError(f"loss weights {spec!r} must be >= 0 with a positive sum")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise MTPError(f"loss weights {spec!r} must be finite and >= 0 with a positive sum, got {weights}")
     return weights
 
 

@@ -167,6 +167,11 @@ class MTPTransformer(nn.Module):
         if cfg.head_type == "linear":
             for head in self.extra_heads:  # start every linear head as the next-token head
                 nn.init.eye_(head.weight)
+        for head in self.extra_heads:
+            if isinstance(head, SequentialHead):
+                # eh_proj reads two unit-RMS halves (2 * dim inputs): scale so its output starts at
+                # the residual stream's scale instead of sqrt(2 * dim) times above it
+                nn.init.normal_(head.eh_proj.weight, 0.0, std / math.sqrt(2 * cfg.dim))
 
     # ---- pieces, callable on their own (the loss and the decoder use them) -----------------
     def rope(self, T: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
