@@ -150,22 +150,23 @@ def mtp_loss_backward(
 
     out_weight = model.output.weight
     dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device)
-    per_head = [float("nan")] * n  # heads that are never run (zero weight, no dependants) stay NaN
-    total = 0.0
+    # every window token is a real token, so head i has B * (T - offset_i + 1) targets (no sync)
+    B, T = x.shape
+    n_valid_by_head = [B * max(T - o + 1, 0) for o in model.config.head_offsets]
+    ce_means: dict[int, torch.Tensor] = {}
 
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
         """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
-        nonlocal dw_total, total
+        nonlocal dw_total
         lab = labels[:, :, i].reshape(-1)
-        n_valid = int((lab != IGNORE).sum())
+        n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_()
         z = model.norm(out_d)  # (B, T, D)
         ce_sum, dz, dw = fused_linear_cross_entropy(
             z.detach().reshape(-1, z.shape[-1]), out_weight, lab,
             scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
         )
-        per_head[i] = float(ce_sum) / max(n_valid, 1)
-        total += weights[i] * per_head[i]
+        ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
         if weights[i] == 0:
             return None
         dw_total += dw
@@ -192,6 +193,10 @@ def mtp_loss_backward(
         out_weight.grad = dw_total.to(out_weight.dtype)
     else:
         out_weight.grad += dw_total.to(out_weight.dtype)
+    # heads that were never run (zero weight, no dependants) report NaN; one host sync here
+    means = torch.stack([ce_means.get(i, torch.tensor(float("nan"), device=x.device)) for i in range(n)])
+    per_head = means.tolist()
+    total = sum(w * m for w, m in zip(weights, per_head) if w > 0)
     return LossOutput(torch.tensor(total), per_head)
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with mtp and what it needs (idempotent).
+# torch is pinned to 2.13.0, which on CPU-only machines of our kind installs the local CPU wheel;
+# set MTP_TORCH to another requirement (e.g. "torch>=2.11") to choose a different build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+    pip install -q --disable-pip-version-check "${MTP_TORCH:-torch==2.13.0}"
+fi
+pip install -q --disable-pip-version-check -e ".[dev]"
