@@ -14,6 +14,7 @@ trunk runs backward once.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -81,51 +82,63 @@ class LossOutput:
     per_head: list[float]  # each head's mean cross-entropy (NaN for a head that was skipped)
 
 
-def _head_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over valid labels; 0 (with a graph) when none is valid."""
-    valid = int((labels != IGNORE).sum())
-    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return ce / max(valid, 1)
-
-
 def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]) -> LossOutput:
     """Reference: all heads' logits at once, one autograd graph. Call .loss.backward()."""
     x = window[:, :-1]
-    labels = multi_token_targets(window, model.config.head_offsets)
+    labels = multi_token_targets(window, model.config.head_offsets)  # (B, T, n)
     logits = model(x, return_all_heads=True)  # (B, T, n, V)
-    per_head = [_head_ce(logits[:, :, i], labels[:, :, i]) for i in range(logits.shape[2])]
-    total = sum(w * ce for w, ce in zip(weights, per_head))
-    return LossOutput(total, [float(ce.detach()) for ce in per_head])
+    ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    counts = (labels != IGNORE).sum(dim=(0, 1)).clamp(min=1)  # (n,)
+    per_head = ce.view(labels.shape).sum(dim=(0, 1)) / counts  # (n,) mean CE of each head
+    total = (per_head * torch.tensor(weights, device=per_head.device)).sum()
+    return LossOutput(total, per_head.detach().tolist())
 
 
 # ---- fused unembedding + cross-entropy, chunked over tokens -----------------------------------
+def _ce_chunk(zc: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
+    """One chunk: CE sum of logits = zc @ w.T, and the gradient of scale * CE sum with respect
+    to the logits (in zc's dtype). scale is a 0-d tensor so that a compiled version of this
+    function is not specialised on its value."""
+    logits = (zc @ w.T).float()  # (c, V)
+    valid = labels != IGNORE
+    safe = labels.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    ce_sum = ((lse - picked) * valid).sum()
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    grad.scatter_add_(1, safe[:, None], -valid[:, None].float())
+    grad.mul_(valid[:, None].float() * scale)  # d(scale * ce_sum) / d logits
+    return ce_sum, grad.to(zc.dtype)
+
+
+@functools.cache
+def _compiled_ce_chunk():
+    """_ce_chunk compiled: the softmax / gradient element-wise passes fuse into few kernels."""
+    return torch.compile(_ce_chunk, dynamic=False)
+
+
 def fused_linear_cross_entropy(
     z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None, compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of CE(z @ weight.T, labels) and the gradients of scale * that sum, chunk by chunk.
 
     z (N, D) normalised hidden states, weight (V, D), labels (N,) with IGNORE.
     Returns (ce_sum float32 scalar, dz (N, D) in z's dtype, dweight (V, D) float32).
-    At most (chunk, V) logits exist at a time."""
+    At most (chunk, V) logits exist at a time. compile=True runs each chunk through
+    torch.compile (same result)."""
     cdt = compute_dtype or z.dtype
     w = weight.detach().to(cdt)
     dz = torch.empty_like(z)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=z.device)
+    step = _compiled_ce_chunk() if compile else _ce_chunk
     with torch.autocast(z.device.type, enabled=False):
         for s in range(0, z.shape[0], chunk):
-            zc, lc = z[s : s + chunk].to(cdt), labels[s : s + chunk]
-            logits = (zc @ w.T).float()  # (c, V)
-            valid = lc != IGNORE
-            safe = lc.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            ce_sum += ((lse - picked) * valid).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, safe[:, None], -valid[:, None].float())
-            grad.mul_(valid[:, None].float() * scale)  # d(scale * ce_sum) / d logits
-            g = grad.to(cdt)
+            zc = z[s : s + chunk].to(cdt)
+            ce, g = step(zc, w, labels[s : s + chunk], scale_t)
+            ce_sum += ce
             dz[s : s + chunk] = (g @ w).to(z.dtype)
             dw += (g.T @ zc).float()
     return ce_sum, dz, dw
@@ -134,9 +147,11 @@ def fused_linear_cross_entropy(
 def mtp_loss_backward(
     model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
     chunk: int = 2048, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
+    compile_ce: bool = False,
 ) -> LossOutput:
     """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
-    into .grad (so it composes with gradient accumulation). Same result as naive_loss."""
+    into .grad (so it composes with gradient accumulation). Same result as naive_loss.
+    compile_ce=True compiles the per-chunk cross-entropy (use it with compiled blocks)."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     n = len(model.parents)
@@ -165,6 +180,7 @@ def mtp_loss_backward(
         ce_sum, dz, dw = fused_linear_cross_entropy(
             z.detach().reshape(-1, z.shape[-1]), out_weight, lab,
             scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
+            compile=compile_ce,
         )
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
         if weights[i] == 0:

@@ -221,7 +221,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 with ctx:
                     if tcfg.memory_efficient:
                         res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
-                                                grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype)
+                                                grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
+                                                compile_ce=tcfg.compile)
                     else:
                         res = naive_loss(model, batch, weights)
                         (res.loss / tcfg.grad_accum).backward()
