@@ -71,7 +71,7 @@ def check_correctness() -> dict:
         out[f"bf16_{ht}_loss_diff"] = abs(float(bf.loss) - float(ref.loss))
         log(f"  {ht}: fp32 grad rel err {out[f'fp32_{ht}_grad_rel_err']:.2e}, bf16 loss diff "
             f"{out[f'bf16_{ht}_loss_diff']:.2e}")
-    # inductor-compiled blocks against eager, same weights
+    # compiled blocks and cross-entropy chunk against eager, same weights
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=1000, dim=128, n_layers=6, n_heads=4, max_seq_len=256, n_future=4)
     model = MTPTransformer(cfg).to(dev)
@@ -82,7 +82,7 @@ def check_correctness() -> dict:
     model.zero_grad(set_to_none=True)
     for b in list(model.layers) + list(model.extra_heads):
         b.compile(backend="aot_eager" if DRY else "inductor")
-    comp = mtp_loss_backward(model, win, w)
+    comp = mtp_loss_backward(model, win, w, compile_ce=True)
     out["compiled_grad_rel_err"] = max_rel_err(grads(model), g_eager)
     out["compiled_loss_diff"] = abs(float(comp.loss) - float(eager.loss))
     log(f"  compiled vs eager: grad rel err {out['compiled_grad_rel_err']:.2e}")
@@ -90,8 +90,9 @@ def check_correctness() -> dict:
     return out
 
 
-def bench_memory(compiled_ns: list[int]) -> dict:
-    args = loss_memory.parse_args(["--device", "cpu", "--quick"] if DRY else ["--device", "cuda"])
+def bench_memory(compiled_ns: list[int], chunks: list[int]) -> dict:
+    base = ["--device", "cpu", "--quick"] if DRY else ["--device", "cuda"]
+    args = loss_memory.parse_args(base)
     results = []
     for n in args.ns:
         for mode in args.modes:
@@ -99,23 +100,13 @@ def bench_memory(compiled_ns: list[int]) -> dict:
             results.append(loss_memory.measure(args, n, mode))
     loss_memory.add_ratios(results)
     checks = loss_memory.targets(results)
-    # the same, with every block compiled (inductor), memory-efficient loss only
+    # memory-efficient loss with the blocks and the cross-entropy chunk compiled, per chunk size
     compiled = []
-    real_build = loss_memory.MTPTransformer
-
-    def build_compiled(cfg):
-        model = real_build(cfg)
-        for b in list(model.layers) + list(model.extra_heads):
-            b.compile(backend="aot_eager" if DRY else "inductor")
-        return model
-
-    loss_memory.MTPTransformer = build_compiled
-    try:
+    for chunk in chunks:
+        cargs = loss_memory.parse_args(base + ["--compile", f"--chunk={chunk}"])
         for n in compiled_ns:
-            log(f"  n={n} efficient, compiled")
-            compiled.append(loss_memory.measure(args, n, "efficient"))
-    finally:
-        loss_memory.MTPTransformer = real_build
+            log(f"  n={n} efficient, compiled, chunk {chunk}")
+            compiled.append({**loss_memory.measure(cargs, n, "efficient"), "chunk": chunk})
     return {"config": {k: getattr(args, k) for k in ("dim", "layers", "heads", "vocab", "batch", "seq", "steps")},
             "results": results, "checks": checks, "compiled": compiled, "_args": args}
 
@@ -180,7 +171,7 @@ def main() -> None:
                 f, indent=2, default=str)
 
     section("correctness", check_correctness)
-    section("memory", bench_memory, [1, 4])
+    section("memory", bench_memory, [1, 2, 4, 8], [2048, 8192])
     section("training", bench_training, args.train_steps)
 
     print(f"\n{report['gpu']}, torch {report['torch']}")
@@ -193,8 +184,10 @@ def main() -> None:
         m = report["memory"]
         loss_memory.print_report(m["_args"], m["results"], m["checks"], sys.stdout)
         for r in m["compiled"]:
-            print(f"compiled n={r['n']} efficient: extra peak {r['extra_bytes'] / 2**20:.0f} MiB, "
-                  f"step {r['step_s'] * 1e3:.1f} ms")
+            one = next(o for o in m["compiled"] if o["n"] == 1 and o["chunk"] == r["chunk"])
+            print(f"compiled, chunk {r['chunk']}: n={r['n']} efficient: extra peak {r['extra_bytes'] / 2**20:.0f} MiB "
+                  f"({r['extra_bytes'] / one['extra_bytes']:.2f}x n=1), step {r['step_s'] * 1e3:.1f} ms "
+                  f"({r['step_s'] / one['step_s']:.2f}x n=1)")
     if "training" in report:
         for k, r in report["training"].items():
             print(f"training {k}: {r['tokens_per_s_last']:,.0f} tokens/s, held-out loss per head "

@@ -74,7 +74,8 @@ def reset_peak_rss() -> None:
             f.write("5")
 
 
-def train_step(model: MTPTransformer, window: torch.Tensor, weights: list[float], mode: str) -> None:
+def train_step(model: MTPTransformer, window: torch.Tensor, weights: list[float], mode: str,
+               chunk: int = 2048, compile_ce: bool = False) -> None:
     """Zero grads, forward, backward; under bf16 autocast on CUDA."""
     cuda = window.device.type == "cuda"
     model.zero_grad(set_to_none=False)  # keep the grad buffers: they are part of the baseline
@@ -82,7 +83,8 @@ def train_step(model: MTPTransformer, window: torch.Tensor, weights: list[float]
         if mode == "naive":
             loss = naive_loss(model, window, weights).loss
         else:
-            mtp_loss_backward(model, window, weights, compute_dtype=torch.bfloat16 if cuda else None)
+            mtp_loss_backward(model, window, weights, compute_dtype=torch.bfloat16 if cuda else None,
+                              chunk=chunk, compile_ce=compile_ce)
     if mode == "naive":
         loss.backward()
 
@@ -94,13 +96,16 @@ def measure(args: argparse.Namespace, n: int, mode: str) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     model = MTPTransformer(model_config(args, n)).to(device)
+    if args.compile:
+        for block in list(model.layers) + list(model.extra_heads):
+            block.compile()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     window = torch.randint(args.vocab, (args.batch, args.seq + 1), device=device)  # (B, T + 1)
     weights = parse_loss_weights("uniform", n)
     if cuda:
         for _ in range(args.warmup):
-            train_step(model, window, weights, mode)
+            train_step(model, window, weights, mode, args.chunk, args.compile)
         sync()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,10 +113,10 @@ def measure(args: argparse.Namespace, n: int, mode: str) -> dict:
         base = current_rss()
         reset_peak_rss()
         for _ in range(args.warmup):
-            train_step(model, window, weights, mode)
+            train_step(model, window, weights, mode, args.chunk, args.compile)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, window, weights, mode)
+        train_step(model, window, weights, mode, args.chunk, args.compile)
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss()
@@ -124,7 +129,7 @@ def run_worker(args: argparse.Namespace, n: int, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--device", "cpu", "--ns", str(n),
            "--head-type", args.head_type, "--threads", str(args.threads), "--warmup", str(args.warmup)]
     cmd += [f"--{k}={getattr(args, k)}" for k in ("dim", "layers", "heads", "vocab", "batch", "seq", "steps")]
-    cmd += ["--modes", mode]
+    cmd += ["--modes", mode, f"--chunk={args.chunk}"] + (["--compile"] if args.compile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -159,7 +164,8 @@ def fmt(x: float | None, spec: str) -> str:
 
 def print_report(args: argparse.Namespace, results: list[dict], checks: list[dict], out) -> None:
     print(f"device {args.device} | dim {args.dim}, {args.layers} layers, {args.heads} heads, vocab "
-          f"{args.vocab}, batch {args.batch} x {args.seq}, {args.head_type} heads, uniform weights | "
+          f"{args.vocab}, batch {args.batch} x {args.seq}, {args.head_type} heads, uniform weights, "
+          f"CE chunk {args.chunk}{', compiled' if args.compile else ''} | "
           f"{args.warmup} warm-up + {args.steps} timed steps", file=out)
     head = f"{'n':>2}  {'mode':<9}  {'extra peak MiB':>14}  {'/ n=1 eff':>9}  {'step ms':>9}  {'/ n=1':>6}"
     print(head + "\n" + "-" * len(head), file=out)
@@ -191,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k in ("dim", "layers", "heads", "vocab", "batch", "seq", "warmup", "steps"):
         p.add_argument(f"--{k}", type=int, default=None, help="default depends on the device")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--chunk", type=int, default=2048, help="tokens per cross-entropy chunk (efficient mode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the cross-entropy chunk")
     p.add_argument("--json", metavar="PATH", help="write all figures to PATH as JSON ('-' = stdout)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     print_report(args, results, checks, sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         config = {k: getattr(args, k) for k in ("device", "dim", "layers", "heads", "vocab", "batch", "seq",
-                                                "head_type", "warmup", "steps", "threads")}
+                                                "head_type", "warmup", "steps", "threads", "chunk", "compile")}
         config["torch"] = torch.__version__
         blob = json.dumps({"config": config, "results": results, "checks": checks}, indent=2)
         if args.json == "-":

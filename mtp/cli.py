@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,7 @@ TRAIN_DEFAULTS = dict(steps=1000, batch_size=8, grad_accum=1, lr=3e-4, grad_clip
 
 def cmd_train(args) -> int:
     from mtp.config import TrainConfig
+    from mtp.distributed import teardown
     from mtp.tokenizers import get_tokenizer
     from mtp.train import pad_vocab, train
 
@@ -132,7 +134,12 @@ def cmd_train(args) -> int:
         save_every=opt["save_every"], log_every=opt["log_every"], seed=opt["seed"], device=args.device,
         dtype=args.dtype, compile=args.compile, tokenizer=args.tokenizer, val_fraction=opt["val_fraction"],
     )
-    res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    finally:
+        teardown()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     summary = {"out": str(res.out), "steps": res.steps, "eval_loss": res.final_eval["loss"],
                "eval_acc": res.final_eval["acc"], "train_loss": res.train_loss, "tokens_per_s": res.tokens_per_s}
     lines = [f"trained {res.steps} steps -> {res.out / 'checkpoint'}",

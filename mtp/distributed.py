@@ -89,3 +89,10 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, bucket_n
             calls += 1
             bucket, size = [], 0
     return calls
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Average a few Python floats over ranks (for logging, not gradients)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()

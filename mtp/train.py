@@ -228,6 +228,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                         (res.loss / tcfg.grad_accum).backward()
                 total += float(res.loss) / tcfg.grad_accum
                 per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
+            if dist_info.world_size > 1:  # log the global batch's loss, the same on every rank
+                reduced = distributed.mean_over_ranks([total, *per_head], device)
+                total, per_head = reduced[0], reduced[1:]
             if not math.isfinite(total):
                 raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
             distributed.all_reduce_grads(params, dist_info.world_size)
