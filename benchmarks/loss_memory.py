@@ -75,7 +75,7 @@ def reset_peak_rss() -> None:
 
 
 def train_step(model: MTPTransformer, window: torch.Tensor, weights: list[float], mode: str,
-               chunk: int = 2048, compile_ce: bool = False) -> None:
+               chunk: int | None = None, compile_ce: bool = False) -> None:
     """Zero grads, forward, backward; under bf16 autocast on CUDA."""
     cuda = window.device.type == "cuda"
     model.zero_grad(set_to_none=False)  # keep the grad buffers: they are part of the baseline
@@ -129,7 +129,7 @@ def run_worker(args: argparse.Namespace, n: int, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--device", "cpu", "--ns", str(n),
            "--head-type", args.head_type, "--threads", str(args.threads), "--warmup", str(args.warmup)]
     cmd += [f"--{k}={getattr(args, k)}" for k in ("dim", "layers", "heads", "vocab", "batch", "seq", "steps")]
-    cmd += ["--modes", mode, f"--chunk={args.chunk}"] + (["--compile"] if args.compile else [])
+    cmd += ["--modes", mode] + ([f"--chunk={args.chunk}"] if args.chunk else []) + (["--compile"] if args.compile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -165,7 +165,7 @@ def fmt(x: float | None, spec: str) -> str:
 def print_report(args: argparse.Namespace, results: list[dict], checks: list[dict], out) -> None:
     print(f"device {args.device} | dim {args.dim}, {args.layers} layers, {args.heads} heads, vocab "
           f"{args.vocab}, batch {args.batch} x {args.seq}, {args.head_type} heads, uniform weights, "
-          f"CE chunk {args.chunk}{', compiled' if args.compile else ''} | "
+          f"CE chunk {args.chunk or 'auto'}{', compiled' if args.compile else ''} | "
           f"{args.warmup} warm-up + {args.steps} timed steps", file=out)
     head = f"{'n':>2}  {'mode':<9}  {'extra peak MiB':>14}  {'/ n=1 eff':>9}  {'step ms':>9}  {'/ n=1':>6}"
     print(head + "\n" + "-" * len(head), file=out)
@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k in ("dim", "layers", "heads", "vocab", "batch", "seq", "warmup", "steps"):
         p.add_argument(f"--{k}", type=int, default=None, help="default depends on the device")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--chunk", type=int, default=2048, help="tokens per cross-entropy chunk (efficient mode)")
+    p.add_argument("--chunk", type=int, default=None, help="tokens per cross-entropy chunk (default: automatic)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the cross-entropy chunk")
     p.add_argument("--json", metavar="PATH", help="write all figures to PATH as JSON ('-' = stdout)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

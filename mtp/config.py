@@ -174,7 +174,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_weights: str = "uniform"
     memory_efficient: bool = True
-    ce_chunk: int = 2048  # tokens per cross-entropy chunk in the memory-efficient loss
+    ce_chunk: int | None = None  # tokens per cross-entropy chunk; None = a 64M-logit budget
     eval_every: int = 200
     eval_batches: int = 8
     save_every: int = 500

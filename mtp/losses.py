@@ -95,6 +95,15 @@ def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]
 
 
 # ---- fused unembedding + cross-entropy, chunked over tokens -----------------------------------
+LOGITS_PER_CHUNK = 2**26  # 64M logits (256 MB in float32) per chunk when no chunk size is given
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Tokens per cross-entropy chunk: a fixed logit budget, so a small vocabulary takes few
+    chunks (few kernel launches) and a large one stays within the same memory."""
+    return max(128, LOGITS_PER_CHUNK // vocab_size)
+
+
 def _ce_chunk(zc: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor):
     """One chunk: CE sum of logits = zc @ w.T, and the gradient of scale * CE sum with respect
     to the logits (in zc's dtype). scale is a 0-d tensor so that a compiled version of this
@@ -118,7 +127,7 @@ def _compiled_ce_chunk():
 
 
 def fused_linear_cross_entropy(
-    z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int,
+    z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int | None = None,
     compute_dtype: torch.dtype | None = None, compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of CE(z @ weight.T, labels) and the gradients of scale * that sum, chunk by chunk.
@@ -128,6 +137,7 @@ def fused_linear_cross_entropy(
     At most (chunk, V) logits exist at a time. compile=True runs each chunk through
     torch.compile (same result)."""
     cdt = compute_dtype or z.dtype
+    chunk = chunk or default_chunk(weight.shape[0])
     w = weight.detach().to(cdt)
     dz = torch.empty_like(z)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
@@ -146,7 +156,7 @@ def fused_linear_cross_entropy(
 
 def mtp_loss_backward(
     model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
-    chunk: int = 2048, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
+    chunk: int | None = None, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
     compile_ce: bool = False,
 ) -> LossOutput:
     """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
@@ -173,7 +183,7 @@ def mtp_loss_backward(
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
         """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
         nonlocal dw_total
-        lab = labels[:, :, i].reshape(-1)
+        lab = labels[:, :, i].reshape(-1).contiguous()  # same strides for every head (no recompiles)
         n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_()
         z = model.norm(out_d)  # (B, T, D)
@@ -218,13 +228,14 @@ def mtp_loss_backward(
 
 # ---- held-out metrics ---------------------------------------------------------------------
 @torch.no_grad()
-def head_metrics(model: MTPTransformer, window: torch.Tensor, chunk: int = 2048) -> dict[str, torch.Tensor]:
+def head_metrics(model: MTPTransformer, window: torch.Tensor, chunk: int | None = None) -> dict[str, torch.Tensor]:
     """Per-head sums over one batch: cross-entropy, correct top-1 predictions, counted targets.
     Returns tensors of shape (n,) under keys ce_sum, correct, count."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     outs = model.heads_hidden(model.trunk(x), x)
     n = len(outs)
+    chunk = chunk or default_chunk(model.config.vocab_size)
     ce_sum, correct, count = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
     for i, out in enumerate(outs):
         z = model.norm(out).reshape(-1, out.shape[-1])
