@@ -18,7 +18,7 @@ from mtp.train import pad_vocab, train
 
 # Sized so both models train in under 10 minutes on 2 CPU cores (see docs/benchmarks.md).
 DEMO_MODEL = dict(dim=192, n_layers=6, n_heads=6, max_seq_len=256, multiple_of=64)
-DEMO_STEPS = 500
+DEMO_STEPS = 400
 DEMO_TRAIN = dict(batch_size=8, seq_len=256, lr=2e-3, warmup=30, eval_every=100, eval_batches=16,
                   save_every=100, log_every=10, seed=1337)
 
