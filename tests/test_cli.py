@@ -15,11 +15,6 @@ TINY = ["--preset", "tiny", "--n-future", "2", "--batch-size", "2", "--seq-len",
         "--eval-batches", "1", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def corpus(tmp_path):
     d = tmp_path / "corpus"

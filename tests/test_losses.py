@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mtp.config import ModelConfig
+from mtp.config import HEAD_TYPES, ModelConfig
 from mtp.errors import MTPError
 from mtp.losses import (
     IGNORE, fused_linear_cross_entropy, head_metrics, mtp_loss_backward, multi_token_targets, naive_loss,
@@ -19,18 +19,8 @@ from mtp.losses import (
 )
 from mtp.model import MTPTransformer
 
-HEAD_TYPES = ["parallel", "linear", "causal", "anticausal", "sequential"]
 WEIGHTINGS = ["uniform", "main:0.3", "geometric:0.5", "nth", "1,0.5,0.25,0.125"]
 V = 61
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make(seed: int = 0, **kw) -> MTPTransformer:

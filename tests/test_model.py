@@ -10,22 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from mtp.config import ModelConfig, preset
+from mtp.config import HEAD_TYPES, ModelConfig, preset
 from mtp.errors import MTPError
 from mtp.losses import multi_token_targets, naive_loss
 from mtp.model import MTPTransformer
 
-HEAD_TYPES = ["parallel", "linear", "causal", "anticausal", "sequential"]
 V = 61  # a vocabulary size that matches no other dimension
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make(seed: int = 0, **kw) -> MTPTransformer:

@@ -15,11 +15,6 @@ from mtp.model import MTPTransformer
 from mtp.tokenizers import ByteTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def corpus(tmp_path):
     d = tmp_path / "corpus"
