@@ -61,6 +61,11 @@ def save_checkpoint(
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.exists():  # an earlier save died between its two renames
+        os.replace(old, directory)
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):  # debris of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         save_model(model, str(tmp / WEIGHTS))  # deduplicates a tied unembedding
@@ -74,8 +79,7 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        old = directory.with_name(directory.name + ".old")
-        if old.exists():
+        if old.exists():  # only while `directory` holds a complete checkpoint (see above)
             shutil.rmtree(old)
         if directory.exists():
             os.replace(directory, old)
@@ -112,7 +116,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
     meta = read_meta(path)
     ckpt = meta["path"]
-    model = MTPTransformer(meta["model"])
+    try:
+        model = MTPTransformer(meta["model"])
+    except (RuntimeError, ValueError) as e:
+        raise MTPError(f"checkpoint {ckpt}: cannot build its model: {str(e).splitlines()[0]}") from None
     weights = ckpt / WEIGHTS
     if not weights.is_file():
         raise MTPError(f"corrupt checkpoint {ckpt}: {WEIGHTS} is missing")

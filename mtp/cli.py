@@ -124,7 +124,8 @@ def cmd_train(args) -> int:
     seq_len = opt["seq_len"] or (mcfg.max_seq_len if mcfg else read_meta(args.out)["model"].max_seq_len)
     steps = opt["steps"]
     if args.tokens is not None:
-        steps = max(1, int(args.tokens // (opt["batch_size"] * seq_len * opt["grad_accum"])))
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # every process trains on its own batch
+        steps = max(1, int(args.tokens // (opt["batch_size"] * seq_len * opt["grad_accum"] * world)))
     warmup = opt["warmup"] if opt["warmup"] is not None else max(1, steps // 20)
     tcfg = TrainConfig(
         corpus=args.corpus or saved_train.get("corpus") or ["stdlib"], out=args.out, steps=steps,

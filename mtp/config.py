@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.offsets is not None and not isinstance(self.offsets, (list, tuple)):
+            raise MTPError(f"invalid model config: offsets must be a list of integers, got {self.offsets!r}")
         if self.offsets is not None:
-            self.offsets = [int(o) for o in self.offsets]
+            self.offsets = list(self.offsets)
         self.validate()
 
     # -- derived sizes -------------------------------------------------------------------
@@ -75,6 +78,27 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise MTPError(f"invalid model config: {msg}")
 
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0
+
+        # types first: config.json is user input, and a string or a negative number must not
+        # surface later as a shape error deep in the model
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len",
+                     "n_future"):
+            if not is_int(getattr(self, name)):
+                bad(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not is_num(getattr(self, name)):
+                bad(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if self.ffn_dim_multiplier is not None and not is_num(self.ffn_dim_multiplier):
+            bad(f"ffn_dim_multiplier must be a positive number or null, got {self.ffn_dim_multiplier!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            bad(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.offsets is not None and not all(is_int(o) for o in self.offsets):
+            bad(f"offsets must be a list of integers, got {self.offsets!r}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -115,12 +139,6 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise MTPError(f"invalid model config: unknown fields {', '.join(unknown)}")
-        ints = ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_future")
-        for k in ints:
-            if k in d and (not isinstance(d[k], int) or isinstance(d[k], bool)):
-                raise MTPError(f"invalid model config: {k} must be an integer, got {d[k]!r}")
-        if d.get("offsets") is not None and not isinstance(d["offsets"], list):
-            raise MTPError(f"invalid model config: offsets must be a list of integers, got {d['offsets']!r}")
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:

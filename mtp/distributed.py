@@ -67,12 +67,12 @@ def broadcast_params(model: torch.nn.Module) -> None:
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int, bucket_numel: int = 2**25) -> int:
     """Average gradients over ranks: each gradient is reduced exactly once, packed into flat
-    buckets. A parameter without a gradient counts as zero. Returns the number of collectives."""
+    buckets. Parameters without a gradient (a head with zero loss weight) are skipped, as the
+    optimizer skips them; which ones those are follows from the config, so it is the same on
+    every rank. Returns the number of collectives."""
     if world_size == 1:
         return 0
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = [p for p in params if p.grad is not None]
     calls, bucket, size = 0, [], 0
     for p in params + [None]:
         if p is not None:

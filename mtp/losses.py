@@ -79,7 +79,7 @@ def multi_token_targets(window: torch.Tensor, offsets: list[int]) -> torch.Tenso
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # weighted total (detached for the memory-efficient path)
-    per_head: list[float]  # each head's mean cross-entropy (NaN for a head that was skipped)
+    per_head: list[float]  # each head's mean cross-entropy (NaN for a zero-weight head, not computed)
 
 
 def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]) -> LossOutput:
@@ -137,7 +137,8 @@ def fused_linear_cross_entropy(
     At most (chunk, V) logits exist at a time. compile=True runs each chunk through
     torch.compile (same result)."""
     cdt = compute_dtype or z.dtype
-    chunk = chunk or default_chunk(weight.shape[0])
+    # by default at least two chunks, so that the full (N, V) logits never exist at once
+    chunk = chunk or min(default_chunk(weight.shape[0]), max(1, -(-z.shape[0] // 2)))
     w = weight.detach().to(cdt)
     dz = torch.empty_like(z)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
@@ -183,6 +184,8 @@ def mtp_loss_backward(
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
         """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
         nonlocal dw_total
+        if weights[i] == 0:  # a head only run because a later head reads it: no loss of its own
+            return None
         lab = labels[:, :, i].reshape(-1).contiguous()  # same strides for every head (no recompiles)
         n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_()
@@ -193,8 +196,6 @@ def mtp_loss_backward(
             compile=compile_ce,
         )
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
-        if weights[i] == 0:
-            return None
         dw_total += dw
         torch.autograd.backward(z, dz.view_as(z))
         return out_d.grad
@@ -219,7 +220,7 @@ def mtp_loss_backward(
         out_weight.grad = dw_total.to(out_weight.dtype)
     else:
         out_weight.grad += dw_total.to(out_weight.dtype)
-    # heads that were never run (zero weight, no dependants) report NaN; one host sync here
+    # heads with zero weight report NaN (their loss is not computed); one host sync here
     means = torch.stack([ce_means.get(i, torch.tensor(float("nan"), device=x.device)) for i in range(n)])
     per_head = means.tolist()
     total = sum(w * m for w, m in zip(weights, per_head) if w > 0)

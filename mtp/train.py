@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -71,6 +70,16 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
 
 
+def load_data(tcfg: TrainConfig, tokenizer, progress: bool):
+    """The corpus's token shards; a corpus too small to hold out one window by document gets
+    a split that guarantees one (a separate cache entry, so other runs keep theirs)."""
+    data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction, progress=progress)
+    if len(data.val) <= tcfg.seq_len:
+        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction,
+                                min_val_tokens=tcfg.seq_len + 1, progress=progress)
+    return data
+
+
 @torch.no_grad()
 def evaluate(model: MTPTransformer, tokens, cfg: TrainConfig, device: torch.device) -> dict:
     """Held-out loss and top-1 accuracy of every head."""
@@ -95,8 +104,13 @@ def _rewrite_metrics(path: Path, keep_through_step: int) -> None:
     """On resume, drop metrics logged after the checkpoint's step (they will be logged again)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_through_step]
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln).get("step", 0) <= keep_through_step:
+                kept.append(ln)
+        except ValueError:  # a line torn by a crash in the middle of a write
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
@@ -114,8 +128,10 @@ class TrainResult:
 
 def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overwrite: bool):
     """Check the output directory against --resume / --overwrite before anything is written.
-    Returns (model config, tokenizer spec or loaded tokenizer, trainer state or None)."""
+    Returns (model config, trainer state or None)."""
     out = Path(tcfg.out)
+    if out.exists() and not out.is_dir():
+        raise MTPError(f"--out {out} is a file, not a directory")
     exists = has_checkpoint(out)
     if resume and overwrite:
         raise MTPError("--resume and --overwrite cannot be combined")
@@ -127,7 +143,10 @@ def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overw
             saved = meta["model"].to_dict()
             diff = [f"{k} {saved.get(k)} -> {v}" for k, v in mcfg.to_dict().items() if saved.get(k) != v]
             raise MTPError(f"--resume with a different model config than {out}: {', '.join(diff)}")
-        return meta["model"], load_trainer_state(out)
+        state = load_trainer_state(out)
+        if tcfg.steps <= int(state["step"]):
+            raise MTPError(f"--resume: {out} is already at step {state['step']}; ask for more --steps than that")
+        return meta["model"], state
     if exists and not overwrite:
         raise MTPError(f"{out} already holds a checkpoint: pass --resume to continue it or --overwrite to replace it")
     return mcfg, None
@@ -135,8 +154,7 @@ def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overw
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
           overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train a model. mcfg=None with resume=True takes the config from the checkpoint; a model
-    config whose vocab_size is 0 takes the tokenizer's (padded)."""
+    """Train a model. mcfg=None with resume=True takes the config from the checkpoint."""
     dist_info = distributed.setup(tcfg.device)
     device, main = dist_info.device, dist_info.is_main
     out = Path(tcfg.out)
@@ -151,16 +169,17 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             raise MTPError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if tcfg.seq_len > mcfg.max_seq_len:
         raise MTPError(f"seq_len {tcfg.seq_len} exceeds the model's context max_seq_len {mcfg.max_seq_len}")
+    if mcfg.head_offsets[-1] > tcfg.seq_len:
+        raise MTPError(f"the head predicting offset {mcfg.head_offsets[-1]} would never see a target: "
+                       f"use a seq_len of at least {mcfg.head_offsets[-1]} (got {tcfg.seq_len})")
 
     # data: tokenised once into the cache (rank 0 first, the others then open it)
     if main:
-        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction,
-                                min_val_tokens=tcfg.seq_len + 1, progress=progress)
+        data = load_data(tcfg, tokenizer, progress)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     if not main:
-        data = build_token_data(tcfg.corpus, tokenizer, default_cache_dir(), tcfg.val_fraction,
-                                min_val_tokens=tcfg.seq_len + 1, progress=False)
+        data = load_data(tcfg, tokenizer, False)
     check_tokens(data.train, tcfg.seq_len, "training split")
     check_tokens(data.val, tcfg.seq_len, "held-out split")
 
@@ -183,9 +202,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     metrics_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            for name in ("checkpoint", "checkpoint.old"):
-                shutil.rmtree(out / name, ignore_errors=True)
+        if overwrite and not resume:  # the old checkpoint stays until the new run saves over it
             metrics_path.unlink(missing_ok=True)
         _rewrite_metrics(metrics_path, start)
         (out / "run.json").write_text(json.dumps({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
@@ -245,8 +262,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 now = time.perf_counter()
                 tok_s = tokens_window / max(now - t_window, 1e-9)
                 t_window, tokens_window = now, 0
-                last_loss = per_head
-                log({"kind": "train", "step": done, "loss": total, "per_head": per_head, "lr": lr,
+                last_loss = [x if math.isfinite(x) else None for x in per_head]  # None: a skipped head
+                log({"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens": done * tokens_per_step})
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)

@@ -90,12 +90,16 @@ def _bad_cases(tmp_path, corpus):
         "resume nothing": (["train", corpus, "--out", out, "--resume"], "not found"),
         "not a checkpoint": (["info", corpus], "is not a checkpoint"),
         "unknown preset": (["train", corpus, "--out", out, "--preset", "huge"], "unknown preset"),
+        "no heads": (["train", corpus, "--out", out, *TINY, "--n-future", "0"], "n_future must be >= 1"),
+        "resume and overwrite": (["train", corpus, "--out", out, *TINY, "--resume", "--overwrite"], "not found"),
+        "out is a file": (["train", corpus, "--out", corpus / "f0.py", *TINY], "is a file"),
+        "offset past window": (["train", corpus, "--out", out, *TINY, "--offsets", "1,40"], "offset 40"),
     }
 
 
 BAD_CASES = ["missing corpus", "empty corpus", "too many heads", "dim vs heads", "seq over context", "bad weights",
              "bad head type", "unknown option", "steps and tokens", "resume nothing", "not a checkpoint",
-             "unknown preset"]
+             "unknown preset", "no heads", "resume and overwrite", "out is a file", "offset past window"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -121,6 +125,14 @@ def test_existing_and_corrupt_checkpoints(capsys, tmp_path, corpus):
     code, _, err = run_cli(capsys, "train", corpus, "--out", out, "--resume", "--n-future", "3", "--steps", "4")
     assert code == 2 and "n_future 2 -> 3" in err
     assert weights.read_bytes() == before
+    code, _, err = run_cli(capsys, "train", corpus, "--out", out, "--resume", "--steps", "2", "--no-progress")
+    assert code == 2 and "already at step 2" in err
+    code, _, err = run_cli(capsys, "train", corpus, "--out", out, "--resume", "--overwrite", "--steps", "4")
+    assert code == 2 and "cannot be combined" in err
+    state = out / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    code, _, err = run_cli(capsys, "train", corpus, "--out", out, "--resume", "--steps", "4", "--no-progress")
+    assert code == 2 and "corrupt checkpoint" in err and "trainer_state.pt" in err
     weights.write_bytes(before[: len(before) // 2])
     code, _, err = run_cli(capsys, "info", out)
     assert code == 2 and "corrupt checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -160,8 +160,8 @@ def test_memory_efficient_matches_naive(head_type, weighting):
     assert_close(got.loss.float(), ref.loss.detach().float(), rtol=1e-5, atol=1e-6)
     assert abs(float(ref.loss.detach()) - sum(w * c for w, c in zip(weights, ref.per_head))) < 1e-4
     for i, (a, b) in enumerate(zip(got.per_head, ref.per_head)):
-        if math.isnan(a):  # a head that was not needed (zero weight and no dependants) is skipped
-            assert weights[i] == 0 and head_type in ("parallel", "linear")
+        if math.isnan(a):  # a zero-weight head's loss is not computed (it may still be run)
+            assert weights[i] == 0
         else:
             assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (i, a, b)
     assert_grads_close(g, r)

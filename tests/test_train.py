@@ -155,3 +155,69 @@ def test_lr_schedule():
     assert train_mod.lr_at(10, cfg) == pytest.approx(1.0)
     assert train_mod.lr_at(55, cfg) == pytest.approx(0.55)
     assert train_mod.lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_crash_resumes_from_periodic_save_bitwise(corpus, tmp_path, monkeypatch):
+    """A hard crash (no handler runs) at step 7 with saves every 4 steps: --resume restarts at
+    step 4, drops the metrics logged after it, and ends with bitwise the uninterrupted weights."""
+    full = tmp_path / "full"
+    ref = train_mod.train(tiny_train(corpus, full, save_every=4), tiny_model(head_type="sequential"), progress=False)
+
+    cut = tmp_path / "cut"
+    real_sample = train_mod.sample_batch
+
+    def crash_at_7(*a, **kw):
+        if kw["step"] == 7:
+            raise RuntimeError("power cut")
+        return real_sample(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "sample_batch", crash_at_7)
+    with pytest.raises(RuntimeError):
+        train_mod.train(tiny_train(corpus, cut, save_every=4), tiny_model(head_type="sequential"), progress=False)
+    monkeypatch.setattr(train_mod, "sample_batch", real_sample)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by the crash
+    res = train_mod.train(tiny_train(corpus, cut, save_every=4), None, resume=True, progress=False)
+    assert train_losses(cut) == train_losses(full)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(res.model.state_dict()[k], v), k
+
+
+def test_interrupted_save_and_overwrite_keep_a_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_mod.train(tiny_train(corpus, out, steps=2), tiny_model(), progress=False)
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    # a save that died between its two renames leaves only checkpoint.old: it is still found,
+    # and the next save puts it back before doing anything else
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    model, tok, _ = load_checkpoint(out)
+
+    def boom(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ByteTokenizer, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(out / "checkpoint", model, ByteTokenizer())
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+
+    # --overwrite interrupted before its first save: the old checkpoint is still there
+    real_sample = train_mod.sample_batch
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "sample_batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(tiny_train(corpus, out, steps=2, seed=9), tiny_model(), overwrite=True, progress=False)
+    monkeypatch.setattr(train_mod, "sample_batch", real_sample)
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_skipped_heads_log_null_not_nan(corpus, tmp_path):
+    out = tmp_path / "run"
+    train_mod.train(tiny_train(corpus, out, steps=2, loss_weights="nth"), tiny_model(n_future=3), progress=False)
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    rows = [json.loads(ln) for ln in text.splitlines()]
+    assert rows[0]["per_head"][1] is None and rows[0]["per_head"][0] > 0 and rows[0]["per_head"][2] > 0
