@@ -174,8 +174,8 @@ def cmd_info(args) -> int:
 
 # ---- mtp tokenizer train ------------------------------------------------------------------
 def cmd_tokenizer_train(args) -> int:
-    from mtp.data import resolve_corpus
-    from mtp.tokenizers import train_bpe
+    from mtp.data import iter_documents, resolve_corpus
+    from mtp.tokenizers import train_bpe_from_texts
 
     if args.vocab_size < 300:
         raise MTPError(f"--vocab-size must be at least 300 for a byte-level BPE, got {args.vocab_size}")
@@ -183,7 +183,7 @@ def cmd_tokenizer_train(args) -> int:
     if out.exists() and not args.overwrite:
         raise MTPError(f"{out} exists: pass --overwrite to replace it")
     files = resolve_corpus(args.corpus or ["stdlib"])
-    tok = train_bpe(files, args.vocab_size, out)
+    tok = train_bpe_from_texts((piece for _, piece, _ in iter_documents(files)), args.vocab_size, out)
     _emit({"out": str(out), "vocab_size": tok.vocab_size, "files": len(files)}, args.json,
           f"trained a BPE tokenizer with {tok.vocab_size} ids on {len(files)} files -> {out}")
     return 0

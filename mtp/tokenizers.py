@@ -304,18 +304,25 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out_path: str | Path
     byte symbols, ``<|endoftext|>`` (id 0) and the learned merges; it may be smaller than
     ``vocab_size`` when the corpus has fewer distinct merges. ``out_path`` is a ``tokenizer.json``.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     files = [Path(f) for f in files]
     if not files:
         raise MTPError("train_bpe: no files given")
     for f in files:
         if not f.is_file():
             raise MTPError(f"BPE training file not found: {f}")
+    return train_bpe_from_texts(_iter_file_chunks(files), vocab_size, out_path)
+
+
+def train_bpe_from_texts(texts: Iterable[str | bytes], vocab_size: int, out_path: str | Path) -> BPETokenizer:
+    """Like ``train_bpe`` on a stream of texts (e.g. a corpus's documents: the text fields of a
+    ``.jsonl`` file rather than its JSON syntax); bytes are decoded as UTF-8 with replacement."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     min_size = 256 + 1
     if vocab_size < min_size:
         raise MTPError(f"BPE vocab_size must be at least {min_size} (256 bytes + {EOT_TOKEN})")
+    texts = (t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts)
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -326,7 +333,7 @@ def train_bpe(files: Sequence[str | Path], vocab_size: int, out_path: str | Path
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_iter_file_chunks(files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     bpe = BPETokenizer(tok, tok.token_to_id(EOT_TOKEN), source=str(out_path))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -136,3 +136,17 @@ def test_existing_and_corrupt_checkpoints(capsys, tmp_path, corpus):
     weights.write_bytes(before[: len(before) // 2])
     code, _, err = run_cli(capsys, "info", out)
     assert code == 2 and "corrupt checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenizer_trains_on_jsonl_text_fields_not_json_syntax(capsys, tmp_path):
+    d = tmp_path / "jsonl"
+    d.mkdir()
+    rows = [json.dumps({"text": f"alpha beta gamma {i % 7}", "meta": "zzzz"}) for i in range(300)]
+    (d / "docs.jsonl").write_text("\n".join(rows) + "\n")
+    tok = tmp_path / "tok.json"
+    code, _, err = run_cli(capsys, "tokenizer", "train", d, "--vocab-size", "300", "--out", tok)
+    assert code == 0, err
+    vocab = json.loads(tok.read_text())["model"]["vocab"]
+    learned = [t for t in vocab if len(t) > 1 and t != "<|endoftext|>"]
+    assert any("alpha" in t or "gamma" in t for t in learned)  # merges of the documents' text
+    assert not any("text" in t or "zz" in t or '"' in t for t in learned)  # none of the JSON around it
