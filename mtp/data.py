@@ -6,8 +6,9 @@ The flow is ``resolve_corpus`` (specs -> sorted text files) -> ``build_token_dat
 
 Documents: a ``.jsonl`` line (its ``text`` or ``content`` field) or any other whole file. In a
 shard, documents are joined with the tokenizer's ``eot_id`` between them. The held-out split is
-by document, decided by a stable hash of the document's identity (its path relative to the
-corpus root, plus the line number for ``.jsonl``), so adding files moves no other document.
+by document, decided by a stable hash of the document's identity (its directory's name and its
+file name, plus the line number for ``.jsonl``), so adding files or moving the corpus moves no
+other document between the splits.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ TEXT_FILENAMES = frozenset({"Makefile", "Dockerfile", "README", "LICENSE", "CMak
 SKIP_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "dist-packages"})
 JSONL_FIELDS = ("text", "content")  # the configured field first, then these fallbacks
 
-CACHE_FORMAT = 1                  # bump when the shard layout changes
+CACHE_FORMAT = 2                  # bump when the shard layout or the split changes
 _SNIFF_BYTES = 8192               # a NUL byte in the first 8 KB marks a file as binary
 _LARGE_FILE = 8 << 20             # files above this are read (and encoded) in pieces
 _PIECE_BYTES = 4 << 20
@@ -144,9 +145,11 @@ def resolve_corpus(specs: Sequence[str]) -> list[Path]:
 # Documents
 
 
-def _corpus_root(files: Sequence[Path]) -> Path:
-    """The deepest directory holding every file; document identities are relative to it."""
-    return Path(os.path.commonpath([str(f.parent) for f in files]))
+def _doc_identity(path: Path) -> str:
+    """A file's identity for the held-out split: its directory's name and its own name. It does
+    not change when the corpus moves or other files are added; a rare clash of two identities
+    only means the two files share their split."""
+    return "/".join(path.parts[-2:])
 
 
 def _read_pieces(path: Path) -> Iterator[bytes]:
@@ -202,16 +205,15 @@ def iter_documents(
 ) -> Iterator[tuple[str, str | bytes, bool]]:
     """Stream the corpus as ``(doc_id, piece, first)`` triples.
 
-    ``doc_id`` is the path relative to the corpus root (``path:line`` for JSONL documents);
+    ``doc_id`` is the file's directory name and name (``dir/name:line`` for JSONL documents);
     ``piece`` is the document's text (bytes for plain files, str for JSONL), or a part of it for
     large files, in which case ``first`` is True only on the document's first piece.
     """
     files = [Path(f) for f in files]
     if not files:
         return
-    root = _corpus_root(files)
     for path in files:
-        yield from _file_documents(path, path.relative_to(root).as_posix(), text_field)
+        yield from _file_documents(path, _doc_identity(path), text_field)
 
 
 def _file_documents(
@@ -519,12 +521,10 @@ def _stream_documents(
 
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="tokenizing", disable=not progress, file=sys.stderr)
-    root = _corpus_root(files)
     writer = splits["train"]
     with bar:
         for i, path in enumerate(files):
-            rel = path.relative_to(root).as_posix()
-            for doc_id, piece, first in _file_documents(path, rel, text_field):
+            for doc_id, piece, first in _file_documents(path, _doc_identity(path), text_field):
                 if first:
                     writer = splits["val" if _in_val(doc_id, val_fraction) else "train"]
                 batch.append((writer, first, piece))

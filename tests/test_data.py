@@ -370,3 +370,20 @@ def test_eval_batches_on_small_split():
     batches = list(eval_batches(tokens, 4, 49, max_batches=10))
     assert len(batches) == 1 and batches[0].shape == (2, 50)
     assert batches[0][:, 0].tolist() == [0, 50]
+
+
+def test_document_identity_survives_adding_files_elsewhere(tmp_path):
+    """The held-out split hashes document identities: adding a file in a sibling directory (or
+    moving the corpus) must not change the identities, hence the split, of the others."""
+    from mtp.data import iter_documents
+
+    a = tmp_path / "proj" / "a"
+    a.mkdir(parents=True)
+    for i in range(5):
+        (a / f"m{i}.py").write_text(f"x = {i}\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "extra.py").write_text("y = 1\n")
+    alone = {p for p, _, _ in iter_documents(resolve_corpus([str(a)]))}
+    together = {p for p, _, _ in iter_documents(resolve_corpus([str(a), str(other)]))}
+    assert alone < together and len(together) == len(alone) + 1
