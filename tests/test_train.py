@@ -78,24 +78,29 @@ def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     assert train_losses(cut) == pytest.approx(train_losses(full), rel=1e-6, abs=0)
 
 
-def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
-    """batch 4 x accum 1 and batch 2 x accum 2 see different windows, so compare one step's
-    update against a hand-computed accumulation instead: the loop's grads = mean of micro-grads."""
-    from mtp.data import build_token_data, sample_batch
-    from mtp.losses import mtp_loss_backward, naive_loss
+def test_training_loop_accumulates_micro_batches(corpus, tmp_path):
+    """One optimizer step of the loop with grad_accum=2 equals the step written out by hand:
+    the mean of the two micro-batches' gradients (naive loss), clipping, AdamW at lr_at(0)."""
+    from mtp.data import sample_batch
+    from mtp.losses import naive_loss
 
-    data = build_token_data([str(corpus)], ByteTokenizer(), tmp_path / "c", min_val_tokens=33, progress=False)
-    torch.manual_seed(0)
+    tcfg = tiny_train(corpus, tmp_path / "run", steps=1, batch_size=2, grad_accum=2, grad_clip=0.5)
+    res = train_mod.train(tcfg, tiny_model(n_future=3), progress=False)
+
+    torch.manual_seed(tcfg.seed)
     model = MTPTransformer(tiny_model(n_future=3))
-    micro = [sample_batch(data.train, 2, 32, seed=1, step=0, micro=m) for m in range(2)]
-    for b in micro:
-        mtp_loss_backward(model, b, [1.0, 1.0, 1.0], grad_scale=0.5)
-    acc = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    opt = train_mod.make_optimizer(model, tcfg)
+    data = train_mod.load_data(tcfg, ByteTokenizer(), progress=False)
+    micro = [sample_batch(data.train, 2, tcfg.seq_len, seed=tcfg.seed, step=0, micro=m) for m in range(2)]
     loss = sum(naive_loss(model, b, [1.0, 1.0, 1.0]).loss for b in micro) / 2
+    assert train_losses(tmp_path / "run")[0] == pytest.approx(float(loss), rel=1e-5)
     loss.backward()
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(acc[k], p.grad, rtol=1e-5, atol=1e-7)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    for group in opt.param_groups:
+        group["lr"] = train_mod.lr_at(0, tcfg)
+    opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(res.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_roundtrip_tied_and_atomic(tmp_path, monkeypatch):
