@@ -173,6 +173,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         raise MTPError(f"the head predicting offset {mcfg.head_offsets[-1]} would never see a target: "
                        f"use a seq_len of at least {mcfg.head_offsets[-1]} (got {tcfg.seq_len})")
 
+    weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
+
     # data: tokenised once into the cache (rank 0 first, the others then open it)
     if main:
         data = load_data(tcfg, tokenizer, progress)
@@ -196,7 +198,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         start = int(state["step"])
     if tcfg.compile:
         apply_compile(model)
-    weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
     ctx, compute_dtype = autocast_for(device, tcfg.dtype)
 
     metrics_path = out / "metrics.jsonl"
