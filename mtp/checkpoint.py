@@ -107,6 +107,39 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def inspect_checkpoint(path: str | Path):
+    """(model on the meta device, tokenizer, meta) without reading the weights: the safetensors
+    header is checked against the config (names, shapes, file size), so a truncated or
+    mismatched file is still caught, but a 7B checkpoint costs no memory."""
+    from safetensors import SafetensorError, safe_open
+
+    from mtp.tokenizers import load_tokenizer
+
+    meta = read_meta(path)
+    ckpt = meta["path"]
+    with torch.device("meta"):
+        model = _build(meta["model"], ckpt)
+    try:
+        with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise MTPError(f"corrupt checkpoint {ckpt}: cannot load {WEIGHTS}: {str(e).splitlines()[0]}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # a tied unembedding is stored once, under either of its two names
+    tied = {"output.weight", "tok_embeddings.weight"} if meta["model"].tie_embeddings else set()
+    untied = {k: v for k, v in shapes.items() if k not in tied}
+    if {k: v for k, v in expected.items() if k not in tied} != untied or (tied and len(shapes) == len(untied)):
+        raise MTPError(f"checkpoint {ckpt}: {WEIGHTS} does not match its config (parameter names or shapes differ)")
+    return model, load_tokenizer(ckpt), meta
+
+
+def _build(cfg: ModelConfig, ckpt: Path) -> MTPTransformer:
+    try:
+        return MTPTransformer(cfg)
+    except (RuntimeError, ValueError) as e:
+        raise MTPError(f"checkpoint {ckpt}: cannot build its model: {str(e).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Load (model, tokenizer, meta) from a run or checkpoint directory."""
     from safetensors import SafetensorError
@@ -116,10 +149,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
     meta = read_meta(path)
     ckpt = meta["path"]
-    try:
-        model = MTPTransformer(meta["model"])
-    except (RuntimeError, ValueError) as e:
-        raise MTPError(f"checkpoint {ckpt}: cannot build its model: {str(e).splitlines()[0]}") from None
+    model = _build(meta["model"], ckpt)
     weights = ckpt / WEIGHTS
     if not weights.is_file():
         raise MTPError(f"corrupt checkpoint {ckpt}: {WEIGHTS} is missing")

@@ -153,9 +153,9 @@ def cmd_train(args) -> int:
 
 # ---- mtp info -----------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from mtp.checkpoint import load_checkpoint
+    from mtp.checkpoint import inspect_checkpoint
 
-    model, tok, meta = load_checkpoint(args.checkpoint)
+    model, tok, meta = inspect_checkpoint(args.checkpoint)  # reads no weights
     cfg = model.config
     counts = model.param_counts()
     info = {"path": str(meta["path"]), "step": meta.get("step"), "config": cfg.to_dict(),

@@ -150,3 +150,23 @@ def test_tokenizer_trains_on_jsonl_text_fields_not_json_syntax(capsys, tmp_path)
     learned = [t for t in vocab if len(t) > 1 and t != "<|endoftext|>"]
     assert any("alpha" in t or "gamma" in t for t in learned)  # merges of the documents' text
     assert not any("text" in t or "zz" in t or '"' in t for t in learned)  # none of the JSON around it
+
+
+def test_info_checks_weights_against_config_without_loading(capsys, tmp_path):
+    from mtp.checkpoint import save_checkpoint
+    from mtp.config import ModelConfig
+    from mtp.model import MTPTransformer
+    from mtp.tokenizers import ByteTokenizer
+
+    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=3, n_heads=4, n_future=2, tie_embeddings=True)
+    ckpt = save_checkpoint(tmp_path / "ck", MTPTransformer(cfg), ByteTokenizer(), step=7)
+    code, stdout, err = run_cli(capsys, "info", ckpt, "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["step"] == 7 and info["params"]["unembedding"] == 0
+    assert info["params"]["total"] == sum(p.numel() for p in MTPTransformer(cfg).parameters())
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["n_layers"] = 4  # the weights hold 3 blocks
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "info", ckpt)
+    assert code == 2 and "does not match its config" in err
