@@ -11,6 +11,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in lines if ln.strip()]
 
 
+def _offsets(run_json: Path, n: int) -> list[int]:
+    """The offset each head predicts, from the run's config (1..n when it is not there)."""
+    try:
+        offsets = json.loads(run_json.read_text())["model"]["offsets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        offsets = None
+    return offsets if offsets and len(offsets) == n else list(range(1, n + 1))
+
+
 def plot_head_losses(runs: dict[str, Path], out_png: Path, title: str = "per-head loss") -> Path:
     """One panel per run: training loss of every head against training tokens (lines) and the
     held-out loss at each evaluation (markers)."""
@@ -26,10 +35,11 @@ def plot_head_losses(runs: dict[str, Path], out_png: Path, title: str = "per-hea
         evals = [r for r in rows if r.get("kind") == "eval"]
         tokens_per_step = train[-1]["tokens"] / train[-1]["step"] if train else 1
         n = len(train[-1]["per_head"]) if train else 0
+        offsets = _offsets(Path(metrics_path).parent / "run.json", n)
         for i in range(n):
             color = f"C{i}"
             ax.plot([r["tokens"] for r in train], [r["per_head"][i] for r in train], color=color,
-                    alpha=0.8, lw=1.2, label=f"head {i + 1} (t+{i + 1}) train")
+                    alpha=0.8, lw=1.2, label=f"head {i + 1} (t+{offsets[i]}) train")
             if evals:
                 ax.plot([r["step"] * tokens_per_step for r in evals], [r["loss"][i] for r in evals], "o",
                         color=color, ms=4, label=f"head {i + 1} held-out")

@@ -226,3 +226,24 @@ def test_skipped_heads_log_null_not_nan(corpus, tmp_path):
     assert "NaN" not in text
     rows = [json.loads(ln) for ln in text.splitlines()]
     assert rows[0]["per_head"][1] is None and rows[0]["per_head"][0] > 0 and rows[0]["per_head"][2] > 0
+
+
+def test_demo_runs_end_to_end_and_plots(tmp_path, monkeypatch):
+    """The quickstart's code path at 2 steps per model: table, report, JSON and a PNG plot."""
+    import mtp.demo as demo
+
+    monkeypatch.setitem(demo.DEMO_TRAIN, "eval_batches", 1)
+    result = demo.run_demo(tmp_path / "demo", steps=2, device="cpu", progress=False)
+    assert [m["n_future"] for m in result["models"]] == [4, 1]
+    assert len(result["models"][0]["heldout_top1_per_head"]) == 4
+    assert "| n=4 |" in result["table"] and "| n=1 |" in result["table"]
+    assert (tmp_path / "demo" / "head_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["steps"] == 2
+
+
+def test_plot_labels_follow_offsets(tmp_path):
+    from mtp.plots import _offsets
+
+    (tmp_path / "run.json").write_text(json.dumps({"model": {"offsets": [1, 2, 4, 128]}}))
+    assert _offsets(tmp_path / "run.json", 4) == [1, 2, 4, 128]
+    assert _offsets(tmp_path / "missing.json", 3) == [1, 2, 3]
