@@ -225,9 +225,11 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                disable=not (progress and main), dynamic_ncols=True)
     model.train()
     completed, in_update = start, False
-    last_loss, tok_s, t_window, tokens_window = [], 0.0, time.perf_counter(), 0
+    # tokens/s counts training steps only: evaluation and checkpointing are left out
+    last_loss, tok_s, time_window, tokens_window = [], 0.0, 0.0, 0
     try:
         for step in range(start, tcfg.steps):
+            t_step = time.perf_counter()
             lr = lr_at(step, tcfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -258,11 +260,11 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             completed, in_update = step + 1, False
             opt.zero_grad(set_to_none=True)
             tokens_window += tokens_per_step
+            time_window += time.perf_counter() - t_step
             done = step + 1
             if done % tcfg.log_every == 0 or done == tcfg.steps:
-                now = time.perf_counter()
-                tok_s = tokens_window / max(now - t_window, 1e-9)
-                t_window, tokens_window = now, 0
+                tok_s = tokens_window / max(time_window, 1e-9)
+                time_window, tokens_window = 0.0, 0
                 last_loss = [x if math.isfinite(x) else None for x in per_head]  # None: a skipped head
                 log({"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens": done * tokens_per_step})
