@@ -45,6 +45,9 @@ def setup(device_pref: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and ":" in device_pref:
+        raise MTPError(f"--device {device_pref} under torchrun: give --device cuda, and each process "
+                       "takes the GPU of its LOCAL_RANK")
     device = pick_device(device_pref, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
