@@ -7,6 +7,7 @@ there; progress and logs go to stderr. Bad input ends with one line on stderr an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -91,9 +92,10 @@ def model_config_from_args(args, vocab_size: int):
     )
 
 
-TRAIN_DEFAULTS = dict(steps=1000, batch_size=8, grad_accum=1, lr=3e-4, grad_clip=1.0, weight_decay=0.1,
-                      loss_weights="uniform", eval_every=200, eval_batches=8, save_every=500, log_every=10,
-                      seed=1337, val_fraction=0.005, warmup=None, seq_len=None)
+# training options that --resume takes from the checkpoint when not given; the others default
+# to TrainConfig's values, except warmup (5% of the steps) and seq_len (the model's context)
+RESUMABLE = ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "weight_decay", "loss_weights", "eval_every",
+             "eval_batches", "save_every", "log_every", "seed", "val_fraction", "warmup", "seq_len")
 
 
 def cmd_train(args) -> int:
@@ -119,8 +121,10 @@ def cmd_train(args) -> int:
     else:
         tok = get_tokenizer(args.tokenizer)
         mcfg = model_config_from_args(args, pad_vocab(tok.vocab_size))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RESUMABLE}
+    defaults.update(warmup=None, seq_len=None)
     opt = {k: getattr(args, k) if getattr(args, k) is not None else saved_train.get(k, d)
-           for k, d in TRAIN_DEFAULTS.items()}
+           for k, d in defaults.items()}
     seq_len = opt["seq_len"] or (mcfg.max_seq_len if mcfg else read_meta(args.out)["model"].max_seq_len)
     steps = opt["steps"]
     if args.tokens is not None:
