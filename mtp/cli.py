@@ -106,15 +106,15 @@ def cmd_train(args) -> int:
 
     if args.steps is not None and args.tokens is not None:
         raise MTPError("give --steps or --tokens, not both")
-    saved_train, mcfg = {}, None
+    saved_train, saved_model, mcfg = {}, None, None
     if args.resume:  # unspecified options continue with the checkpoint's own values
         from mtp.checkpoint import read_meta
         from mtp.config import ModelConfig
 
         meta = read_meta(args.out)
-        saved_train = meta.get("train") or {}
+        saved_train, saved_model = meta.get("train") or {}, meta["model"]
         if any(getattr(args, f) is not None for f in MODEL_FLAGS):
-            base = meta["model"].to_dict()
+            base = saved_model.to_dict()
             given = model_config_from_args(args, base["vocab_size"]).to_dict()
             explicit = {f for f in MODEL_FLAGS if getattr(args, f) is not None} - {"preset"}
             mcfg = ModelConfig.from_dict({**base, **{k: given[k] for k in explicit}})
@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
     defaults.update(warmup=None, seq_len=None)
     opt = {k: getattr(args, k) if getattr(args, k) is not None else saved_train.get(k, d)
            for k, d in defaults.items()}
-    seq_len = opt["seq_len"] or (mcfg.max_seq_len if mcfg else read_meta(args.out)["model"].max_seq_len)
+    seq_len = opt["seq_len"] or (mcfg or saved_model).max_seq_len
     steps = opt["steps"]
     if args.tokens is not None:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # every process trains on its own batch

@@ -128,20 +128,20 @@ def _compiled_ce_chunk():
 
 def fused_linear_cross_entropy(
     z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int | None = None,
-    compute_dtype: torch.dtype | None = None, compile: bool = False,
+    compute_dtype: torch.dtype | None = None, compile: bool = False, dweight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of CE(z @ weight.T, labels) and the gradients of scale * that sum, chunk by chunk.
 
     z (N, D) normalised hidden states, weight (V, D), labels (N,) with IGNORE.
-    Returns (ce_sum float32 scalar, dz (N, D) in z's dtype, dweight (V, D) float32).
-    At most (chunk, V) logits exist at a time. compile=True runs each chunk through
-    torch.compile (same result)."""
+    Returns (ce_sum float32 scalar, dz (N, D) in z's dtype, dweight (V, D) float32); a given
+    float32 `dweight` buffer is accumulated into and returned. At most (chunk, V) logits exist
+    at a time. compile=True runs each chunk through torch.compile (same result)."""
     cdt = compute_dtype or z.dtype
     # by default at least two chunks, so that the full (N, V) logits never exist at once
     chunk = chunk or min(default_chunk(weight.shape[0]), max(1, -(-z.shape[0] // 2)))
-    w = weight.detach().to(cdt)
+    w = weight.detach().to(cdt)  # no copy when the caller passes it in the compute dtype
     dz = torch.empty_like(z)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
+    dw = dweight if dweight is not None else torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=z.device)
     scale_t = torch.tensor(scale, dtype=torch.float32, device=z.device)
     step = _compiled_ce_chunk() if compile else _ce_chunk
@@ -171,10 +171,11 @@ def mtp_loss_backward(
         children.setdefault(p, []).append(i)
     # heads that matter: a positive weight, or a descendant with one
     needed = [False] * n
-    for i in reversed(model.head_order()):
+    for i in reversed(model.head_order):
         needed[i] = weights[i] > 0 or any(needed[c] for c in children.get(i, []))
 
     out_weight = model.output.weight
+    w_compute = out_weight.detach().to(compute_dtype or out_weight.dtype)  # cast once for all heads
     dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device)
     # every window token is a real token, so head i has B * (T - offset_i + 1) targets (no sync)
     B, T = x.shape
@@ -183,20 +184,18 @@ def mtp_loss_backward(
 
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
         """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
-        nonlocal dw_total
         if weights[i] == 0:  # a head only run because a later head reads it: no loss of its own
             return None
         lab = labels[:, :, i].reshape(-1).contiguous()  # same strides for every head (no recompiles)
         n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_()
         z = model.norm(out_d)  # (B, T, D)
-        ce_sum, dz, dw = fused_linear_cross_entropy(
-            z.detach().reshape(-1, z.shape[-1]), out_weight, lab,
+        ce_sum, dz, _ = fused_linear_cross_entropy(
+            z.detach().reshape(-1, z.shape[-1]), w_compute, lab,
             scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
-            compile=compile_ce,
+            compile=compile_ce, dweight=dw_total,
         )
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
-        dw_total += dw
         torch.autograd.backward(z, dz.view_as(z))
         return out_d.grad
 

@@ -139,6 +139,8 @@ class MTPTransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.parents = self._parents(cfg.head_type, n)
+        self.head_order = self._head_order(self.parents)  # each head after its parent
+        self.next_token_path = self._path_to(0, self.parents)  # heads the next-token logits pass
         self.reset_parameters()
 
     @staticmethod
@@ -219,20 +221,30 @@ class MTPTransformer(nn.Module):
             return mod(x, cos, sin, emb_future=self.future_embedding(tokens, i))
         return mod(x, cos, sin)
 
-    def head_order(self) -> list[int]:
+    @staticmethod
+    def _head_order(parents: list[int]) -> list[int]:
         """Heads in an order where each head comes after its parent."""
         order, placed = [], {TRUNK}
-        while len(order) < len(self.parents):
-            for i, p in enumerate(self.parents):
+        while len(order) < len(parents):
+            for i, p in enumerate(parents):
                 if i not in order and p in placed:
                     order.append(i)
                     placed.add(i)
         return order
 
+    @staticmethod
+    def _path_to(head: int, parents: list[int]) -> list[int]:
+        """The heads from the trunk to `head`, in the order they run."""
+        path = []
+        while head != TRUNK:
+            path.append(head)
+            head = parents[head]
+        return path[::-1]
+
     def heads_hidden(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
         """All heads' hidden outputs, in head order 0..n-1."""
         outs: dict[int, torch.Tensor] = {TRUNK: h}
-        for i in self.head_order():
+        for i in self.head_order:
             outs[i] = self.run_head(i, outs[self.parents[i]], tokens)
         return [outs[i] for i in range(len(self.parents))]
 
@@ -244,15 +256,9 @@ class MTPTransformer(nn.Module):
         """Next-token logits (B, T, V), or every head's logits (B, T, n, V)."""
         h = self.trunk(tokens)
         if not return_all_heads:
-            x = h
-            chain = []
-            i = 0
-            while i != TRUNK:  # follow parents from the next-token head back to the trunk
-                chain.append(i)
-                i = self.parents[i]
-            for i in reversed(chain):
-                x = self.run_head(i, x, tokens)
-            return self.logits(x)
+            for i in self.next_token_path:
+                h = self.run_head(i, h, tokens)
+            return self.logits(h)
         return self.logits(torch.stack(self.heads_hidden(h, tokens), dim=-2))
 
     # ---- bookkeeping ------------------------------------------------------------------------
