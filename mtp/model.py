@@ -47,12 +47,44 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) of x (B, T, H, hd) by position; cos/sin (T, hd/2)."""
+    """Rotate interleaved pairs (x[2k], x[2k+1]) of x (B, T, H, hd) by position; cos/sin are
+    (T, hd/2), shared by the batch, or (B, T, hd/2) when every row has its own positions."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hd/2) or (B, T, 1, hd/2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static keys and values of one attention block, (B, n_kv_heads, S, head_dim), written by
+    position: a step writes its tokens' k/v at their positions and attends to positions <= its
+    own, so entries of rejected draft tokens are simply overwritten later (no rollback, no copy,
+    shapes never change). Buffers, so torch.compile treats them as static state."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v (B, Hkv, T, hd) at positions (B, T); return the first kv_len positions."""
+        idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, idx, k.to(self.k.dtype))
+        self.v.scatter_(2, idx, v.to(self.v.dtype))
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+class CacheStep:
+    """Where a cached forward pass reads and writes: per-row positions (B, T), their rotary
+    tables, and the mask (B, 1, T, kv_len) letting each query see cache positions <= its own."""
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_len: int):
+        self.positions, self.kv_len = positions, kv_len
+        self.cos, self.sin = cos[positions], sin[positions]  # (B, T, hd/2)
+        keys = torch.arange(kv_len, device=positions.device)
+        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, kv_len)
 
 
 class Attention(nn.Module):
@@ -64,13 +96,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVCache | None = None, step: CacheStep | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if kv is not None:  # decoding: attend over the static cache, masked by position
+            k, v = kv.update(step.positions, k, v, step.kv_len)  # (B, Hkv, kv_len, hd)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -97,8 +135,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVCache | None = None, step: CacheStep | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -112,9 +151,9 @@ class SequentialHead(TransformerBlock):
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, emb_future: torch.Tensor | None = None):  # type: ignore[override]
+    def forward(self, x, cos, sin, kv=None, step=None, emb_future: torch.Tensor | None = None):  # type: ignore[override]
         x = self.eh_proj(torch.cat([self.hnorm(x), self.enorm(emb_future)], dim=-1))
-        return super().forward(x, cos, sin)
+        return super().forward(x, cos, sin, kv, step)
 
 
 class MTPTransformer(nn.Module):
@@ -183,13 +222,21 @@ class MTPTransformer(nn.Module):
     def trunk_blocks(self) -> nn.ModuleList | list[nn.Module]:
         return self.layers if self.config.head_type == "linear" else self.layers[:-1]
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding and shared blocks: tokens (B, T) -> hidden (B, T, D)."""
+    def trunk(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
+        """Embedding and shared blocks: tokens (B, T) -> hidden (B, T, D).
+
+        With a cache (decoding), the tokens sit at the positions set by `cache.at(...)`, their
+        keys and values are written there, and attention reads the cache."""
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        if cache is not None:
+            step = cache.step
+            for block, kv in zip(self.trunk_blocks, cache.trunk):
+                h = block(h, step.cos, step.sin, kv, step)
+            return h
         T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope(T)
-        h = self.tok_embeddings(tokens)  # (B, T, D)
         for block in self.trunk_blocks:
             h = block(h, cos, sin)
         return h
@@ -205,21 +252,32 @@ class MTPTransformer(nn.Module):
         emb = self.tok_embeddings(tokens[:, shift:])  # (B, T - shift, D)
         return F.pad(emb, (0, 0, 0, shift))
 
-    def run_head(self, i: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run_head(self, i: int, x: torch.Tensor, tokens: torch.Tensor | None = None,
+                 cache: "ModelCache | None" = None, future_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Head i on its input x (B, T, D) -> hidden (B, T, D), before the shared norm.
 
-        Sequential heads also need the input tokens (B, T): depth i reads token t + i."""
+        Sequential heads also read token t + i at each position t: taken from the input tokens
+        (B, T) by shifting, or given directly as future_tokens (B, T) (decoding, where t + i may
+        be a draft). With a cache, the head attends over its own static cache (see `trunk`)."""
         mod = self.head_module(i)
         if mod is None:
             return x
         if isinstance(mod, nn.Linear):
             return mod(x)
-        cos, sin = self.rope(x.shape[1])
+        if cache is not None:
+            step = cache.step
+            cos, sin, extra = step.cos, step.sin, (cache.heads[i], step)
+        else:
+            (cos, sin), extra = self.rope(x.shape[1]), ()
         if isinstance(mod, SequentialHead):
-            if tokens is None:
+            if future_tokens is not None:
+                emb = self.tok_embeddings(future_tokens)
+            elif tokens is not None:
+                emb = self.future_embedding(tokens, i)
+            else:
                 raise ValueError("sequential heads need the input tokens")
-            return mod(x, cos, sin, emb_future=self.future_embedding(tokens, i))
-        return mod(x, cos, sin)
+            return mod(x, cos, sin, *extra, emb_future=emb)
+        return mod(x, cos, sin, *extra)
 
     @staticmethod
     def _head_order(parents: list[int]) -> list[int]:
@@ -275,3 +333,33 @@ class MTPTransformer(nn.Module):
             "per_head": count(heads[-1:]) if heads else 0,
             "unembedding": 0 if self.config.tie_embeddings else self.output.weight.numel(),
         }
+
+
+class ModelCache(nn.Module):
+    """Static KV caches for every attention block of a model (trunk blocks and heads), for a
+    batch of B rows and positions 0..max_len-1, with rotary tables of that length (drafts may
+    sit a few positions past the model's context; they are never accepted there)."""
+
+    def __init__(self, model: MTPTransformer, batch: int, max_len: int, device=None, dtype=None):
+        super().__init__()
+        cfg = model.config
+        device = device if device is not None else model.output.weight.device
+        dtype = dtype or model.output.weight.dtype
+
+        def kv() -> KVCache:
+            return KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype)
+
+        self.batch, self.max_len = batch, max_len
+        self.trunk = nn.ModuleList(kv() for _ in model.trunk_blocks)
+        heads = [model.head_module(i) for i in range(cfg.n_future)]
+        self.heads = nn.ModuleList(kv() if isinstance(m, TransformerBlock) else nn.Identity() for m in heads)
+        cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.step: CacheStep | None = None
+
+    def at(self, positions: torch.Tensor, kv_len: int | None = None) -> CacheStep:
+        """Set the positions (B, T) of the next cached calls; attention reads cache positions
+        < kv_len (default: all), which must cover every position given."""
+        self.step = CacheStep(positions, self.rope_cos, self.rope_sin, kv_len or self.max_len)
+        return self.step

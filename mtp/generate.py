@@ -1,0 +1,410 @@
+"""Batched decoding: greedy, sampling, and self-speculative decoding with the extra heads.
+
+One loop does all of it. A step feeds each row its last committed token followed by k - 1
+drafts, at that row's own positions, through the trunk and the heads with static KV caches
+(`mtp.model.ModelCache`). The next-token head's outputs at those k positions verify the drafts:
+the longest matching prefix is accepted plus the verifier's own next token, so a step commits
+1..k tokens per row, and the same pass leaves the heads' outputs from which the next drafts come.
+With k = 1 (or a model with one head) this is plain decoding, one token per step.
+
+- Greedy: a draft is accepted when it equals the verifier's argmax, so the output is token for
+  token the model's greedy output.
+- Sampling: speculative sampling (Leviathan et al. 2023, Chen et al. 2023) with the heads'
+  distributions as the proposal q: accept draft x with probability min(1, p(x) / q(x)), else
+  sample from the normalised residual max(p - q, 0); the output is distributed exactly as plain
+  sampling from the next-token head (p after temperature, top-k and top-p).
+
+Rows of a batch have prompts of different lengths and accept different numbers of tokens per
+step: positions, caches and masks are per row, so rows never wait for or pad to each other.
+Sequential (DeepSeek-style) heads read the embedding of token t + i, which for the last
+positions is a draft: they draft one depth after the other over a short window of recent
+positions, rewriting the cache entries that depended on drafts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from mtp.errors import MTPError
+from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    speculative: int | None = None  # k heads drafting/verifying; 1 = plain decoding; None = all usable
+    eot_id: int | None = None  # stop a row when it produces this token (kept in the output)
+    stop: Sequence[str] = ()  # stop a row when its text contains one (cut from the text)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    kv_bucket: int = 128  # attention reads the cache up to a multiple of this (static shapes)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MTPError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0 or not math.isfinite(self.temperature):
+            raise MTPError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise MTPError(f"top-k must be at least 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MTPError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.speculative is not None and self.speculative < 1:
+            raise MTPError(f"--speculative must be at least 1, got {self.speculative}")
+        if self.kv_bucket < 1:
+            raise MTPError(f"kv_bucket must be at least 1, got {self.kv_bucket}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationStats:
+    batch_size: int
+    k: int  # heads used per step (1: plain decoding)
+    prompt_tokens: int
+    new_tokens: int
+    forward_passes: int  # model calls: the prefill and one per decode step
+    tokens_per_forward: float  # new tokens per forward pass of a row, averaged over the batch
+    acceptance_by_head: list[float]  # for heads 2..k: share of a row's steps accepting its draft
+    seconds: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # the new tokens of each row
+    stop_reasons: list[str]  # "eot", "stop", "length" (max_new_tokens) or "context" (model's max_seq_len)
+    stats: GenerationStats
+    texts: list[str] | None = field(default=None)  # with a tokenizer: the decoded new text
+
+
+def usable_heads(model: MTPTransformer) -> int:
+    """How many heads can draft consecutively: heads 1..k must predict offsets 1..k."""
+    k = 0
+    for off in model.config.head_offsets:
+        if off != k + 1:
+            break
+        k += 1
+    return k
+
+
+def resolve_k(model: MTPTransformer, speculative: int | None) -> int:
+    usable = usable_heads(model)
+    if speculative is None:
+        return usable
+    n = model.config.n_future
+    if speculative > n:
+        raise MTPError(f"--speculative {speculative} is more than the model's {n} head{'s' * (n > 1)}")
+    if speculative > usable:
+        raise MTPError(f"--speculative {speculative}: heads 1..{speculative} must predict offsets 1..{speculative}, "
+                       f"but this model's heads predict {model.config.head_offsets}")
+    return speculative
+
+
+# ---- distributions ----------------------------------------------------------------------------
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
+    """The sampling distribution (float32 probabilities, (..., V)) after temperature, top-k, top-p."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each token
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs (..., V): argmax of p / E with E ~ Exp(1) (no host sync)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where a rejected draft's replacement comes from: normalize(max(p - q, 0)). It has no mass
+    only when p == q, and then no draft is ever rejected; p is returned there."""
+    r = (p - q).clamp_(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp(min=1e-30), p)
+
+
+# ---- the decoder ------------------------------------------------------------------------------
+class _Decoder:
+    """State of one generate() call: caches, committed tokens and lengths of every row."""
+
+    def __init__(self, model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig):
+        self.model, self.k, self.cfg = model, k, cfg
+        p = model.output.weight
+        self.device = p.device
+        self.max_len = max_len
+        self.cache = ModelCache(model, batch, max_len, device=p.device, dtype=p.dtype)
+        self.sequential = model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead)
+        needed = {0} if self.sequential else {h for j in range(k) for h in model._path_to(j, model.parents)}
+        self.run_order = [i for i in model.head_order if i in needed]
+        # the next-token head's outputs by position: sequential heads read them one step later
+        self.h0 = (torch.zeros(batch, max_len, model.config.dim, device=p.device, dtype=p.dtype)
+                   if self.sequential and k > 1 else None)
+        self.generator = None
+        if not cfg.greedy:
+            self.generator = torch.Generator(device=p.device)
+            # without a seed, draw one from torch's global generator (so torch.manual_seed applies)
+            seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator.manual_seed(seed)
+        self.step_fn = self._forward
+        self.draft_fn = self._sequential_drafts
+        if cfg.compile:
+            mode = "reduce-overhead" if p.device.type == "cuda" else None
+            self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
+            self.draft_fn = torch.compile(self._sequential_drafts, mode=mode, dynamic=False)
+
+    def kv_len(self, last_pos: int) -> int:
+        b = self.cfg.kv_bucket
+        return min(self.max_len, b * math.ceil((last_pos + 1) / b))
+
+    # one forward pass of the trunk and the heads the step needs, over tokens (B, T) at positions (B, T)
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        model, cache = self.model, self.cache
+        cache.at(positions, kv_len)
+        outs = {TRUNK: model.trunk(tokens, cache)}
+        for i in self.run_order:
+            outs[i] = model.run_head(i, outs[model.parents[i]], cache=cache)
+        if self.h0 is not None:
+            idx = positions[:, :, None].expand(-1, -1, outs[0].shape[-1])
+            self.h0.scatter_(1, idx, outs[0])
+        extra = [] if self.sequential else [outs[i] for i in range(1, self.k)]
+        return model.logits(outs[0]), extra  # (B, T, V), k - 1 x (B, T, D)
+
+    def choose(self, logits: torch.Tensor):
+        """Greedy: (argmax, None). Sampling: (a sample, the distribution it came from)."""
+        if self.cfg.greedy:
+            return logits.argmax(-1), None
+        probs = process_logits(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        return sample(probs, self.generator), probs
+
+    def parallel_drafts(self, extra: list[torch.Tensor], idx: torch.Tensor):
+        """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals."""
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        picks = [self.choose(self.model.logits(h[rows, idx])) for h in extra]
+        return self._stack(picks)
+
+    def _sequential_drafts(self, seq: torch.Tensor, last: torch.Tensor, window: int, kv_len: int):
+        """Sequential heads draft depth by depth at position `last` (B,), the last position the
+        verifier has read; each depth re-runs a window of recent positions whose cache entries
+        read tokens that were drafts when they were written. Drafts are written into seq."""
+        model = self.model
+        pos = (last[:, None] - window + 1 + torch.arange(window, device=last.device)).clamp(min=0)  # (B, w)
+        self.cache.at(pos, kv_len)
+        x = self.h0.gather(1, pos[:, :, None].expand(-1, -1, self.h0.shape[-1]))  # (B, w, D)
+        picks = []
+        for i in range(1, self.k):
+            x = model.run_head(i, x, cache=self.cache, future_tokens=seq.gather(1, pos + i))
+            tok, probs = self.choose(model.logits(x[:, -1]))  # head i at `last` predicts last + 1 + i
+            seq.scatter_(1, (last + 1 + i)[:, None], tok[:, None])
+            picks.append((tok, probs))
+        return self._stack(picks)
+
+    def _stack(self, picks):
+        tokens = torch.stack([t for t, _ in picks], 1)  # (B, k-1)
+        probs = None if self.cfg.greedy else torch.stack([p for _, p in picks], 1)  # (B, k-1, V)
+        return tokens, probs
+
+
+def _prepare_prompts(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig):
+    if len(prompts) == 0:
+        raise MTPError("no prompts given")
+    ctx, vocab = model.config.max_seq_len, model.config.vocab_size
+    lens = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise MTPError(f"prompt {i} is empty: give at least one token")
+        if len(p) >= ctx:
+            raise MTPError(f"prompt {i} has {len(p)} tokens, which leaves no room in the model's context of {ctx}")
+        if min(p) < 0 or max(p) >= vocab:
+            raise MTPError(f"prompt {i} has token ids outside the model's vocabulary of {vocab}")
+        lens.append(len(p))
+    # each row stops at max_new_tokens or at the end of the model's context
+    budgets = [min(cfg.max_new_tokens, ctx - n) for n in lens]
+    return lens, budgets
+
+
+@torch.no_grad()
+def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig | None = None,
+             tokenizer=None, on_step: Callable[[list[list[int]]], None] | None = None) -> GenerationOutput:
+    """Decode a batch of token prompts (of any lengths). on_step, if given, receives each step's
+    newly committed tokens of every row (for streaming)."""
+    cfg = cfg or GenerationConfig()
+    cfg.validate()
+    if cfg.stop and tokenizer is None:
+        raise MTPError("stop strings need a tokenizer to decode the output")
+    k = resolve_k(model, cfg.speculative)
+    lens, budgets = _prepare_prompts(model, prompts, cfg)
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> GenerationOutput:
+    B, T0 = len(prompts), max(lens)
+    max_len = T0 + max(budgets) + k  # room for the last step's drafts
+    dec = _Decoder(model, k, B, max_len, cfg)
+    dev = dec.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+
+    rows = torch.arange(B, device=dev)
+    ar_k = torch.arange(k, device=dev)
+    seq = torch.zeros(B, max_len + k, dtype=torch.long, device=dev)  # committed tokens, then drafts
+    for b, p in enumerate(prompts):
+        seq[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    L = torch.tensor(lens, device=dev)  # committed tokens per row
+    L_max = max(lens)  # an upper bound of L.max() kept on the host (sizes the attention window)
+    gen = torch.zeros(B, dtype=torch.long, device=dev)
+    budget = torch.tensor(budgets, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+
+    # prefill: every prompt position, each row's first token from its last prompt position
+    logits, extra = dec._forward(seq[:, :T0], torch.arange(T0, device=dev).expand(B, -1), dec.kv_len(T0 - 1))
+    last = L - 1
+    first, _ = dec.choose(logits[rows, last])
+    new = first[:, None].expand(B, k)
+    n_new = torch.ones(B, dtype=torch.long, device=dev)
+    drafts = qs = None
+    forwards, row_forwards, accepted = 1, B, torch.zeros(max(k - 1, 1), dtype=torch.long, device=dev)
+
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    texts = [""] * B
+    while True:
+        # commit the step's new tokens; a row stops at the end-of-text token or its budget
+        n_new = torch.minimum(n_new, budget - gen)
+        hit_eot = torch.zeros(B, dtype=torch.bool, device=dev)
+        if cfg.eot_id is not None:
+            is_eot = (new == cfg.eot_id) & (ar_k[None, :] < n_new[:, None])
+            hit_eot = is_eot.any(1)
+            n_new = torch.where(hit_eot, is_eot.int().argmax(1) + 1, n_new)
+        n_new = torch.where(active, n_new, 0)
+        seq.scatter_(1, L[:, None] + ar_k, new)
+        L, gen = L + n_new, gen + n_new
+        stopped = active & (hit_eot | (gen >= budget))
+        active = active & ~stopped
+        # one transfer to the host per step: the tokens, for the output and the stop strings
+        host = torch.cat([n_new[:, None], new, hit_eot[:, None].long(), stopped[:, None].long()], 1).tolist()
+        step_tokens = []
+        for b, (n, *rest) in enumerate(host):
+            toks = rest[:k][:n]
+            step_tokens.append(toks)
+            outputs[b].extend(toks)
+            L_max = max(L_max, lens[b] + len(outputs[b]))
+            if rest[k + 1]:
+                reasons[b] = "eot" if rest[k] else ("length" if budgets[b] == cfg.max_new_tokens else "context")
+        if cfg.stop:
+            for b, toks in enumerate(step_tokens):
+                before = len(outputs[b]) - len(toks)
+                if toks and reasons[b] != "eot" and _hit_stop(outputs[b], tokenizer, cfg.stop):
+                    outputs[b] = _cut_at_stop(outputs[b], before, tokenizer, cfg.stop)
+                    step_tokens[b] = outputs[b][before:]
+                    reasons[b] = "stop"
+                    active[b] = False
+        if on_step is not None:
+            on_step(step_tokens)
+        if not any(r is None for r in reasons):
+            break
+
+        # drafts for the next step come from the position the verifier last accepted
+        if k > 1:
+            if dec.sequential:
+                kv = dec.kv_len(L_max)  # the window ends at last = L - 2 <= L_max
+                window = T0 if drafts is None else 2 * k - 2  # re-run what read drafts last time
+                fn = dec._sequential_drafts if drafts is None else dec.draft_fn
+                drafts, qs = fn(seq, last, window, kv)
+            else:
+                drafts, qs = dec.parallel_drafts(extra, last if drafts is None else a)
+
+        # verify: each row's last committed token and its k - 1 drafts, at its own positions
+        fed = seq.gather(1, (L - 1)[:, None])
+        if k > 1:
+            fed = torch.cat([fed, drafts], 1)  # (B, k)
+        positions = (L - 1)[:, None] + ar_k  # (B, k)
+        logits, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
+        forwards += 1
+        row_forwards += int(active.sum())
+        if cfg.greedy:
+            target = logits.argmax(-1)  # (B, k): the verifier's choice after each fed token
+            ok = drafts == target[:, :-1] if k > 1 else None
+        else:
+            p = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, k, V)
+            if k > 1:
+                p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+                q_d = qs.gather(-1, drafts[..., None])[..., 0]
+                u = torch.rand(p_d.shape, generator=dec.generator, device=dev)
+                ok = u * q_d < p_d  # accept with probability min(1, p / q)
+        a = ok.long().cumprod(1).sum(1) if k > 1 else torch.zeros(B, dtype=torch.long, device=dev)
+        if k > 1:
+            accepted += ((a[:, None] > torch.arange(k - 1, device=dev)) & active[:, None]).sum(0)
+        if cfg.greedy:
+            bonus = target[rows, a]
+        else:
+            last_pick = sample(p[:, -1], dec.generator)  # every draft accepted: p after the last
+            if k > 1:
+                fixes = sample(residual_distribution(p[:, :-1], qs), dec.generator)  # (B, k-1)
+                bonus = torch.where(a == k - 1, last_pick, fixes.gather(1, a.clamp(max=k - 2)[:, None])[:, 0])
+            else:
+                bonus = last_pick
+        new = torch.cat([drafts, bonus[:, None]], 1) if k > 1 else bonus[:, None]
+        new = torch.where(ar_k[None, :] < a[:, None], new, bonus[:, None])  # d_1..d_a, bonus, ...
+        n_new = a + 1
+        last = L - 1 + a
+
+    sync()
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(o) for o in outputs)
+    acc = (accepted.float() / max(row_forwards - B, 1)).tolist() if k > 1 else []
+    stats = GenerationStats(
+        batch_size=B, k=k, prompt_tokens=sum(lens), new_tokens=n_tokens, forward_passes=forwards,
+        tokens_per_forward=n_tokens / max(row_forwards, 1), acceptance_by_head=acc if forwards > 1 else [0.0] * (k - 1),
+        seconds=seconds, tokens_per_s=n_tokens / max(seconds, 1e-9),
+    )
+    out_texts = None
+    if tokenizer is not None:
+        out_texts = [_strip_stop(tokenizer.decode(o), cfg.stop) for o in outputs]
+    return GenerationOutput(outputs, [r or "length" for r in reasons], stats, out_texts)
+
+
+# ---- stop strings (host side, only when asked for) ----------------------------------------
+def _hit_stop(tokens: list[int], tokenizer, stops: Sequence[str]) -> bool:
+    text = tokenizer.decode(tokens)
+    return any(s in text for s in stops)
+
+
+def _cut_at_stop(tokens: list[int], before: int, tokenizer, stops: Sequence[str]) -> list[int]:
+    """The shortest prefix of tokens whose text contains a stop string (the first `before`
+    tokens held none)."""
+    for end in range(before + 1, len(tokens) + 1):
+        if _hit_stop(tokens[:end], tokenizer, stops):
+            return tokens[:end]
+    return tokens
+
+
+def _strip_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
