@@ -202,6 +202,132 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---- mtp generate / mtp bench ----------------------------------------------------------------
+def _load_for_decoding(args):
+    """(model, tokenizer, meta) on the chosen device, in bf16 on CUDA unless --dtype says otherwise."""
+    import torch
+
+    from mtp.checkpoint import load_checkpoint
+    from mtp.distributed import pick_device
+
+    device = pick_device(args.device)
+    model, tok, meta = load_checkpoint(args.checkpoint, device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        raise MTPError(f"unknown --dtype {args.dtype!r}: use auto, float32 or bfloat16")
+    return model.to(dtype).eval(), tok, meta
+
+
+class _Stream:
+    """Prints decoded text as tokens arrive, holding back what may still change: an unfinished
+    UTF-8 character, and a tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops):
+        self.tok, self.tokens, self.shown = tokenizer, [], ""
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def __call__(self, step_tokens):
+        self.tokens.extend(step_tokens[0])
+        text = self.tok.decode(self.tokens).rstrip("\ufffd")
+        self._show(text[: len(text) - self.hold] if self.hold else text)
+
+    def _show(self, text):
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self, final_text):
+        self._show(final_text)
+        sys.stdout.write("\n")
+
+
+def _gen_config(args, tok):
+    from mtp.generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, speculative=args.speculative,
+                            eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile)
+
+
+def cmd_generate(args) -> int:
+    from mtp.generate import generate
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise MTPError("give --prompt TEXT or --prompt-file FILE")
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MTPError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    else:
+        text = args.prompt
+    model, tok, _ = _load_for_decoding(args)
+    cfg = _gen_config(args, tok)
+    cfg.validate()
+    prompt = tok.encode(text)
+    stream = None if args.json else _Stream(tok, cfg.stop)
+    out = generate(model, [prompt], cfg, tokenizer=tok, on_step=stream)
+    s = out.stats
+    if args.json:
+        print(json.dumps({"text": out.texts[0], "tokens": out.tokens[0], "prompt_tokens": len(prompt),
+                          "stop_reason": out.stop_reasons[0], "stats": s.to_dict()}))
+    else:
+        stream.finish(out.texts[0])
+        acc = " / ".join(f"{a:.2f}" for a in s.acceptance_by_head)
+        print(f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:,.1f} tok/s, k={s.k}, "
+              f"{s.tokens_per_forward:.2f} tokens/forward" + (f", acceptance by head {acc}" if acc else "")
+              + f", stop: {out.stop_reasons[0]}]", file=sys.stderr)
+    return 0
+
+
+def _int_list(flag: str, s: str | None) -> list[int] | None:
+    if s is None:
+        return None
+    try:
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise MTPError(f"{flag} must be comma-separated integers, got {s!r}") from None
+
+
+def cmd_bench(args) -> int:
+    from mtp.bench import check_bench_args, corpus_prompts, file_prompts, format_table, run_bench
+
+    batch_sizes, ks = _int_list("--batch-sizes", args.batch_sizes), _int_list("--k", args.k)
+    if args.prompt_len < 1 or args.max_new_tokens < 1:
+        raise MTPError("--prompt-len and --max-new-tokens must be at least 1")
+    model, tok, meta = _load_for_decoding(args)
+    ks = check_bench_args(model, batch_sizes, ks)
+    if args.prompts:
+        prompts = file_prompts(args.prompts, tok)
+        source = str(args.prompts)
+    else:
+        train_cfg = meta.get("train") or {}
+        corpus = args.corpus or train_cfg.get("corpus") or ["stdlib"]
+        prompts = corpus_prompts(corpus, tok, max(batch_sizes), args.prompt_len,
+                                 train_cfg.get("val_fraction", 0.005), progress=not args.json)
+        source = f"held-out split of {corpus}"
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > model.config.max_seq_len:
+        raise MTPError(f"prompts of up to {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceed the "
+                       f"model's context of {model.config.max_seq_len}")
+    report = run_bench(model, prompts, batch_sizes, ks, args.max_new_tokens, compile=args.compile, hf=args.hf,
+                       log=(lambda m: None) if args.json else None)
+    report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
+    _emit(report, args.json, format_table(report))
+    return 0
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory or checkpoint directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mtp", description="Multi-token prediction language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -212,6 +338,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="generate text, with self-speculative decoding by default")
+    _add_decoding_args(p)
+    p.set_defaults(max_new_tokens=256)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None)
+    p.add_argument("--speculative", type=int, default=None, metavar="K",
+                   help="heads drafting and verifying per step (default: all; 1: plain decoding)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("bench", help="greedy vs self-speculative decoding speed, side by side")
+    _add_decoding_args(p)
+    p.set_defaults(max_new_tokens=128)
+    p.add_argument("--prompts", default=None, help=".jsonl with a prompt (or text) field, or a text file, one per line")
+    p.add_argument("--corpus", nargs="*", default=None, help="held-out prompts from this corpus (default: the "
+                   "checkpoint's training corpus)")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from the corpus")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--k", default=None, help="heads to speculate with, e.g. 2,3,4 (default: 2..all)")
+    p.add_argument("--hf", action="store_true", help="also time transformers' greedy generate on the same weights")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     tp = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")

@@ -1,0 +1,175 @@
+"""Decoding benchmark: plain greedy against self-speculative decoding with k = 2..n heads, and
+optionally Hugging Face transformers' greedy `generate` on the same weights, same prompts and
+same number of new tokens. Used by `mtp bench`, the quickstart and benchmarks/gpu.py.
+
+Every speculative run is checked against the plain greedy run of the same batch: `identical`
+says whether every row's tokens are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mtp.errors import MTPError
+from mtp.generate import GenerationConfig, generate, usable_heads
+
+
+def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,
+                   progress: bool = False) -> list[list[int]]:
+    """n prompts of `length` tokens from the held-out split of a corpus, spread evenly over it,
+    each inside one document (no end-of-text token)."""
+    from mtp.data import build_token_data
+    from mtp.train import default_cache_dir
+
+    data = build_token_data(corpus, tokenizer, default_cache_dir(), val_fraction, progress=progress)
+    val = np.asarray(data.val)
+    eot = getattr(tokenizer, "eot_id", None)
+    starts = []
+    # candidate windows that hold no document boundary
+    bounds = np.flatnonzero(val == eot) if eot is not None else np.array([], dtype=np.int64)
+    for s in np.linspace(0, max(len(val) - length - 1, 0), num=max(8 * n, 64)).astype(np.int64):
+        nxt = bounds[np.searchsorted(bounds, s):][:1]
+        if len(nxt) and nxt[0] < s + length:
+            s = int(nxt[0]) + 1  # start at the next document instead
+            after = bounds[np.searchsorted(bounds, s):][:1]
+            if (len(after) and after[0] < s + length) or s + length > len(val):
+                continue
+        starts.append(int(s))
+    starts = sorted(set(starts))
+    if len(starts) < n:
+        raise MTPError(f"the held-out split of {list(corpus)} has fewer than {n} documents of {length} tokens "
+                       "for prompts: give --prompts or a shorter --prompt-len")
+    pick = np.linspace(0, len(starts) - 1, num=n).astype(np.int64)
+    return [val[starts[i]: starts[i] + length].astype(np.int64).tolist() for i in pick]
+
+
+def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
+    """Prompts from a file: JSONL with a "prompt" (or "text") field per line, else one per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise MTPError(f"prompt file not found: {p}")
+    texts = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                texts.append(row["prompt"] if "prompt" in row else row["text"])
+            except (ValueError, KeyError, TypeError):
+                raise MTPError(f"{p}:{i + 1}: expected a JSON object with a 'prompt' or 'text' field") from None
+        else:
+            texts.append(line)
+    if not texts:
+        raise MTPError(f"{p} holds no prompts")
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _batch(prompts: list[list[int]], b: int) -> list[list[int]]:
+    """b prompts, cycling through the list when it is shorter."""
+    return [prompts[i % len(prompts)] for i in range(b)]
+
+
+def hf_greedy(hf_model, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], float]:
+    """Hugging Face greedy generate on a batch (left-padded when ragged): (tokens, seconds)."""
+    dev = next(hf_model.parameters()).device
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                                do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+    sync()
+    return out[:, T:].tolist(), time.perf_counter() - t0
+
+
+def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None) -> list[int]:
+    """The k values to run (default 2..all usable heads); MTPError for impossible ones."""
+    usable = usable_heads(model)
+    if usable < 2:
+        raise MTPError("this model has a single usable head: there is nothing to speculate with")
+    ks = list(ks) if ks else list(range(2, usable + 1))
+    for k in ks:
+        if not 2 <= k <= usable:
+            raise MTPError(f"k={k}: this model can draft with k in 2..{usable}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise MTPError("batch sizes must be at least 1")
+    return ks
+
+
+def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
+              max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None) -> dict:
+    """Greedy and speculative tokens/s for each batch size and k. Returns {"results": [...], ...}."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    ks = check_bench_args(model, batch_sizes, ks)
+    hf_model = None
+    if hf:
+        from mtp.interop.hf import to_hf_llama
+
+        hf_model = to_hf_llama(model).to(device=model.output.weight.device, dtype=model.output.weight.dtype)
+
+    def run(batch, k):
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile)
+        return generate(model, batch, cfg)
+
+    results = []
+    for b in batch_sizes:
+        batch = _batch(prompts, b)
+        run(batch[:b], 1)  # warm-up (allocator, compile)
+        greedy = run(batch, 1)
+        row = {"batch_size": b, "greedy_tok_s": greedy.stats.tokens_per_s}
+        log(f"batch {b}: greedy {greedy.stats.tokens_per_s:,.0f} tok/s")
+        if hf_model is not None:
+            hf_greedy(hf_model, batch, 4)  # warm-up
+            hf_tokens, secs = hf_greedy(hf_model, batch, max_new_tokens)
+            hf_row = {"hf_greedy_tok_s": b * max_new_tokens / secs, "hf_identical": hf_tokens == greedy.tokens}
+            log(f"batch {b}: transformers greedy {hf_row['hf_greedy_tok_s']:,.0f} tok/s, "
+                f"same tokens as ours: {hf_row['hf_identical']}")
+        for k in ks:
+            if k > 1:
+                run(batch, k) if compile else None  # compile each k's step before timing it
+            spec = run(batch, k)
+            s = spec.stats
+            results.append({
+                **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.stats.tokens_per_s,
+                "tokens_per_forward": s.tokens_per_forward, "acceptance_by_head": s.acceptance_by_head,
+                "identical": spec.tokens == greedy.tokens, **(hf_row if hf_model is not None else {}),
+            })
+            log(f"batch {b}, k={k}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
+                f"{s.tokens_per_forward:.2f} tokens/forward, identical: {results[-1]['identical']}")
+    return {"max_new_tokens": max_new_tokens, "n_prompts": len(prompts),
+            "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
+            "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "results": results}
+
+
+def format_table(report: dict) -> str:
+    hf = any("hf_greedy_tok_s" in r for r in report["results"])
+    head = "| batch | k | greedy tok/s | speculative tok/s | speedup | tokens/forward | acceptance by head | identical |"
+    sep = "|---|---|---|---|---|---|---|---|"
+    if hf:
+        head += " transformers tok/s |"
+        sep += "---|"
+    lines = [head, sep]
+    for r in report["results"]:
+        acc = " / ".join(f"{a:.2f}" for a in r["acceptance_by_head"])
+        line = (f"| {r['batch_size']} | {r['k']} | {r['greedy_tok_s']:,.0f} | {r['spec_tok_s']:,.0f} | "
+                f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {acc} | {r['identical']} |")
+        if hf:
+            line += f" {r.get('hf_greedy_tok_s', float('nan')):,.0f} |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""`mtp generate` and `mtp bench` end to end on a tiny byte-level checkpoint, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtp.checkpoint import save_checkpoint
+from mtp.cli import main
+from mtp.config import ModelConfig
+from mtp.generate import GenerationConfig, generate
+from mtp.model import MTPTransformer
+from mtp.tokenizers import ByteTokenizer
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A random 3-head byte-level model whose training corpus is a small directory of code."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 5}\n\n" * 30)
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
+                                       multiple_of=16, n_future=3))
+    path = tmp_path / "run" / "checkpoint"
+    save_checkpoint(path, model, ByteTokenizer(), train_config={"corpus": [str(corpus)], "val_fraction": 0.2})
+    return path, model.eval()
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_is_greedy(capsys, ckpt):
+    path, model = ckpt
+    tok = ByteTokenizer()
+    code, out, err = run_cli(capsys, "generate", path, "--prompt", "def f(x):", "--max-new-tokens", "20", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    ref = generate(model, [tok.encode("def f(x):")], GenerationConfig(max_new_tokens=20, speculative=1))
+    assert res["tokens"] == ref.tokens[0] and res["text"] == tok.decode(ref.tokens[0])
+    assert res["stats"]["k"] == 3  # all heads by default
+    assert res["stats"]["new_tokens"] == 20 and res["stop_reason"] == "length"
+    assert set(res["stats"]) >= {"forward_passes", "tokens_per_forward", "acceptance_by_head", "tokens_per_s"}
+
+
+def test_generate_streams_text(capsys, ckpt):
+    path, _ = ckpt
+    code, out, err = run_cli(capsys, "generate", path, "--prompt", "def f(x):", "--max-new-tokens", "20", "--json")
+    text = json.loads(out)["text"]
+    code, out, err = run_cli(capsys, "generate", path, "--prompt", "def f(x):", "--max-new-tokens", "20",
+                             "--speculative", "1")
+    assert code == 0, err
+    assert out == text + "\n"
+    assert "20 tokens" in err and "k=1" in err
+
+
+def test_generate_sampling_and_prompt_file(capsys, ckpt, tmp_path):
+    path, _ = ckpt
+    (tmp_path / "p.txt").write_text("import os\n")
+    args = ["generate", path, "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", "16", "--temperature", "0.9",
+            "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--json"]
+    first, second = (json.loads(run_cli(capsys, *args)[1]) for _ in range(2))
+    assert first["tokens"] == second["tokens"] and first["prompt_tokens"] == 10
+
+
+def test_bench_json(capsys, ckpt):
+    path, _ = ckpt
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,3", "--max-new-tokens", "12",
+                             "--prompt-len", "24", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = report["results"]
+    assert [(r["batch_size"], r["k"]) for r in rows] == [(1, 2), (1, 3), (3, 2), (3, 3)]
+    for r in rows:
+        assert r["identical"] is True
+        assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["greedy_tok_s"])
+        assert len(r["acceptance_by_head"]) == r["k"] - 1 and r["tokens_per_forward"] >= 1
+    assert report["n_prompts"] == 3 and report["prompt_tokens_mean"] == 24
+
+
+def test_bench_prompt_file_and_table(capsys, ckpt, tmp_path):
+    path, _ = ckpt
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def g(y):"}) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
+    code, out, err = run_cli(capsys, "bench", path, "--prompts", tmp_path / "p.jsonl", "--batch-sizes", "2",
+                             "--k", "2", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("| batch | k | greedy tok/s") and "| 2 | 2 |" in out
+
+
+def test_bench_against_transformers(capsys, ckpt):
+    pytest.importorskip("transformers")
+    path, _ = ckpt
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,2", "--k", "3", "--max-new-tokens", "10",
+                             "--prompt-len", "16", "--hf", "--json")
+    assert code == 0, err
+    for r in json.loads(out)["results"]:
+        assert r["hf_identical"] is True and r["hf_greedy_tok_s"] > 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "x" * 96], "no room in the model's context of 96"),
+    (["--prompt", "x", "--speculative", "4"], "more than the model's 3 heads"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "0"], r"top-p must be in \(0, 1\]"),
+    (["--prompt", "x", "--top-p", "1.5"], r"top-p must be in \(0, 1\]"),
+    ([], "give --prompt TEXT or --prompt-file FILE"),
+    (["--prompt-file", "/nonexistent/p.txt"], "cannot read --prompt-file"),
+])
+def test_generate_bad_input(capsys, ckpt, argv, match):
+    import re
+
+    code, out, err = run_cli(capsys, "generate", ckpt[0], *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err)
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    for cmd in ("generate", "bench"):
+        code, out, err = run_cli(capsys, cmd, tmp_path, "--prompt", "x") if cmd == "generate" else \
+            run_cli(capsys, cmd, tmp_path)
+        assert code == 2 and "is not a checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_bad_input(capsys, ckpt):
+    path, _ = ckpt
+    for argv, match in ([["--k", "4"], "k in 2..3"], [["--batch-sizes", "1,x"], "comma-separated integers"],
+                        [["--prompt-len", "90", "--max-new-tokens", "10"], "exceed the model's context of 96"]):
+        code, out, err = run_cli(capsys, "bench", path, *argv)
+        assert code == 2 and match in err, err
