@@ -10,4 +10,5 @@ PY=${PYTHON:-python3}
 if ! python -c "import torch" 2>/dev/null; then
     pip install -q --disable-pip-version-check "${MTP_TORCH:-torch==2.13.0}"
 fi
-pip install -q --disable-pip-version-check -e ".[dev]"
+# torch is in place first, so the extras (transformers for mtp.interop.hf) never pull another build
+pip install -q --disable-pip-version-check -e ".[dev,hf]"
