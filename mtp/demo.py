@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from mtp.bench import corpus_prompts, format_table, run_bench
 from mtp.config import TrainConfig, preset
 from mtp.plots import plot_head_losses
 from mtp.tokenizers import ByteTokenizer
@@ -21,6 +22,15 @@ DEMO_MODEL = dict(dim=192, n_layers=6, n_heads=6, max_seq_len=256, multiple_of=6
 DEMO_STEPS = 400
 DEMO_TRAIN = dict(batch_size=8, seq_len=256, lr=2e-3, warmup=30, eval_every=100, eval_batches=16,
                   save_every=100, log_every=10, seed=1337)
+DEMO_DECODE = dict(batch_sizes=(1, 4), max_new_tokens=128, prompt_len=64)
+
+
+def decoding_comparison(model, tokenizer, progress: bool = True) -> dict:
+    """Self-speculative decoding of the n = 4 model against its own greedy decoding, on prompts
+    from the held-out split of the standard library."""
+    prompts = corpus_prompts(["stdlib"], tokenizer, max(DEMO_DECODE["batch_sizes"]), DEMO_DECODE["prompt_len"])
+    return run_bench(model.eval(), prompts, DEMO_DECODE["batch_sizes"], None, DEMO_DECODE["max_new_tokens"],
+                     log=None if progress else (lambda m: None))
 
 
 def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress: bool = True) -> dict:
@@ -54,11 +64,17 @@ def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress
     plot = plot_head_losses({f"n = {n}": out / f"n{n}" / "metrics.jsonl" for n in runs}, out / "head_losses.png",
                             title=f"per-head loss, byte-level, Python stdlib, {steps} steps")
     tokens = steps * DEMO_TRAIN["batch_size"] * DEMO_TRAIN["seq_len"]
+    decoding = decoding_comparison(runs[4].model, ByteTokenizer(), progress)
+    decode_table = format_table(decoding)
     report = (f"# mtp demo\n\nTwo parameter-matched models ({DEMO_MODEL['n_layers']} blocks, dim "
               f"{DEMO_MODEL['dim']}), byte-level, trained {steps} steps ({tokens:,} tokens) each on the "
-              f"Python standard library's source; held-out split by file.\n\n{table}\n\n![per-head loss]({plot.name})\n")
+              f"Python standard library's source; held-out split by file.\n\n{table}\n\n![per-head loss]({plot.name})\n"
+              f"\n## Decoding the n = 4 model\n\nPlain greedy against self-speculative decoding with k heads, "
+              f"{decoding['max_new_tokens']} new tokens from {DEMO_DECODE['prompt_len']}-byte held-out prompts, "
+              f"on {decoding['device']} ({decoding['threads']} threads); `identical`: the speculative output "
+              f"equals greedy.\n\n{decode_table}\n")
     (out / "report.md").write_text(report)
-    result = {"steps": steps, "tokens_per_model": tokens, "models": rows, "table": table,
-              "report": str(out / "report.md"), "plot": str(plot)}
+    result = {"steps": steps, "tokens_per_model": tokens, "models": rows, "table": table + "\n\n" + decode_table,
+              "decoding": decoding, "report": str(out / "report.md"), "plot": str(plot)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
