@@ -160,20 +160,28 @@ class _Decoder:
         # the next-token head's outputs by position: sequential heads read them one step later
         self.h0 = (torch.zeros(batch, max_len, model.config.dim, device=p.device, dtype=p.dtype)
                    if self.sequential and k > 1 else None)
-        self.generator = None
-        if not cfg.greedy:
-            self.generator = torch.Generator(device=p.device)
-            # without a seed, draw one from torch's global generator (so torch.manual_seed applies)
-            seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.generator.manual_seed(seed)
         self.step_fn = self._forward
         self.draft_fn = self._sequential_drafts
+        self.compiled = cfg.compile
         if cfg.compile:
+            # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
             mode = "reduce-overhead" if p.device.type == "cuda" else None
             self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
             self.draft_fn = torch.compile(self._sequential_drafts, mode=mode, dynamic=False)
 
+    def reset(self, cfg: GenerationConfig) -> "_Decoder":
+        """Start a generate() call: its settings and its random generator."""
+        self.cfg, self.generator = cfg, None
+        if not cfg.greedy:
+            self.generator = torch.Generator(device=self.device)
+            # without a seed, draw one from torch's global generator (so torch.manual_seed applies)
+            seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator.manual_seed(seed)
+        return self
+
     def kv_len(self, last_pos: int) -> int:
+        if self.compiled:
+            return self.max_len
         b = self.cfg.kv_bucket
         return min(self.max_len, b * math.ceil((last_pos + 1) / b))
 
@@ -225,6 +233,22 @@ class _Decoder:
         return tokens, probs
 
 
+def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig) -> _Decoder:
+    if not cfg.compile:
+        return _Decoder(model, k, batch, max_len, cfg).reset(cfg)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
+    p = model.output.weight
+    key = (k, batch, max_len, p.dtype, p.device)
+    # kept on the model, per shape, so that later calls reuse the compiled graphs (and on CUDA
+    # the captured graphs, which point at the decoder's own cache buffers)
+    per_model = model.__dict__.setdefault("_compiled_decoders", {})
+    if key not in per_model:
+        per_model[key] = _Decoder(model, k, batch, max_len, cfg)
+    return per_model[key].reset(cfg)
+
+
 def _prepare_prompts(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig):
     if len(prompts) == 0:
         raise MTPError("no prompts given")
@@ -264,8 +288,8 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
 
 def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> GenerationOutput:
     B, T0 = len(prompts), max(lens)
-    max_len = T0 + max(budgets) + k  # room for the last step's drafts
-    dec = _Decoder(model, k, B, max_len, cfg)
+    dec = _decoder_for(model, k, B, T0 + max(budgets) + k, cfg)  # room for the last step's drafts
+    max_len = dec.max_len
     dev = dec.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()

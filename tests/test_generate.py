@@ -334,3 +334,15 @@ def test_sampling_is_reproducible_with_a_seed():
     a, b = generate(model, prompts, cfg), generate(model, prompts, cfg)
     c = generate(model, prompts, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8, speculative=3))
     assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_compiled_decoding_equals_eager():
+    """torch.compile'd decode steps (CUDA graphs on GPU) give the same tokens, and a second call
+    reuses the compiled decoder."""
+    model = trained("causal")
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 16) for p in prompts]
+    for _ in range(2):
+        out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
+        assert out.tokens == refs
+    assert len(model._compiled_decoders) == 1
