@@ -55,8 +55,11 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 def save_checkpoint(
     directory: str | Path, model: MTPTransformer, tokenizer, *,
     trainer_state: dict | None = None, train_config: dict | None = None, step: int | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint into `directory` atomically (replacing any previous one there)."""
+    """Write a checkpoint into `directory` atomically (replacing any previous one there).
+    `state_dict` (full, e.g. gathered from FSDP shards) is written instead of the model's own
+    weights; the model then only supplies the config."""
     from safetensors.torch import save_model
 
     directory = Path(directory)
@@ -68,7 +71,10 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_model(model, str(tmp / WEIGHTS))  # deduplicates a tied unembedding
+        if state_dict is None:
+            save_model(model, str(tmp / WEIGHTS))  # deduplicates a tied unembedding
+        else:
+            _save_state_dict(state_dict, model.config, tmp / WEIGHTS)
         meta = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(),
                 "train": train_config, "step": step}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -91,6 +97,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _save_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    """The same file as save_model writes: a tied unembedding stored once, as output.weight."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    metadata = None
+    if cfg.tie_embeddings:
+        sd.pop("tok_embeddings.weight", None)
+        metadata = {"tok_embeddings.weight": "output.weight"}
+    save_file(sd, str(path), metadata=metadata)
 
 
 def read_meta(path: str | Path) -> dict:

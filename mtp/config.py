@@ -201,6 +201,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, float32 on CPU
     compile: bool = False
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of data parallel
+    activation_checkpointing: bool = False  # recompute each trunk block's activations in backward
     tokenizer: str | None = None  # None = byte-level
     val_fraction: float = 0.005
 

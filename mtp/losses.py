@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,11 +159,14 @@ def fused_linear_cross_entropy(
 def mtp_loss_backward(
     model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
     chunk: int | None = None, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
-    compile_ce: bool = False,
+    compile_ce: bool = False, on_backward: Callable[[int], None] | None = None,
 ) -> LossOutput:
     """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
     into .grad (so it composes with gradient accumulation). Same result as naive_loss.
-    compile_ce=True compiles the per-chunk cross-entropy (use it with compiled blocks)."""
+    compile_ce=True compiles the per-chunk cross-entropy (use it with compiled blocks).
+    on_backward(i) is called just before head i's backward and on_backward(TRUNK) just before
+    the trunk's (FSDP switches gradient reduction on there: mtp.parallel). The unembedding's
+    gradient is complete, in .grad, before the trunk's backward starts."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     n = len(model.parents)
@@ -208,17 +212,21 @@ def mtp_loss_backward(
         grads = [g for g in grads if g is not None]
         if not grads:
             return None
+        if on_backward is not None:
+            on_backward(i)
         torch.autograd.backward(out, sum(grads))
         return inp_d.grad
 
     h = model.trunk(x)  # (B, T, D)
     trunk_grads = [g for c in children[TRUNK] if needed[c] and (g := visit(c, h)) is not None]
-    if trunk_grads:
-        torch.autograd.backward(h, sum(trunk_grads))
     if out_weight.grad is None:
         out_weight.grad = dw_total.to(out_weight.dtype)
     else:
         out_weight.grad += dw_total.to(out_weight.dtype)
+    if on_backward is not None:
+        on_backward(TRUNK)
+    if trunk_grads:
+        torch.autograd.backward(h, sum(trunk_grads))
     # heads with zero weight report NaN (their loss is not computed); one host sync here
     means = torch.stack([ce_means.get(i, torch.tensor(float("nan"), device=x.device)) for i in range(n)])
     per_head = means.tolist()
