@@ -67,6 +67,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16")
     t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--fsdp", action="store_true",
+                   help="with several processes: FSDP2 (parameters, gradients and optimizer state sharded per "
+                        "block) instead of data parallel")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each trunk block's activations in the backward (less memory)")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine: re-runs the command under torchrun (one per GPU)")
     t.add_argument("--tokenizer", default=None, help="'byte' (default) or a tokenizer.json")
     t.add_argument("--val-fraction", type=float, default=None)
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -96,6 +103,30 @@ def model_config_from_args(args, vocab_size: int):
 # to TrainConfig's values, except warmup (5% of the steps) and seq_len (the model's context)
 RESUMABLE = ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "weight_decay", "loss_weights", "eval_every",
              "eval_batches", "save_every", "log_every", "seed", "val_fraction", "warmup", "seq_len")
+
+
+def _launch_torchrun(args) -> int:
+    """`mtp train ... --nproc N` = `torchrun --standalone --nproc-per-node N -m mtp train ...`
+    with the same options (rebuilt from the parsed arguments)."""
+    import subprocess
+
+    probe = _Parser(prog="mtp train")
+    _add_train_args(probe)
+    argv = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in ("help", "nproc") or value is None or value is False or value == action.default:
+            continue
+        if not action.option_strings:  # the corpus
+            argv += [str(v) for v in value]
+        elif value is True:
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "mtp", "train", *argv]
+    print("mtp: running " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.run(cmd).returncode
 
 
 def cmd_train(args) -> int:
@@ -138,7 +169,15 @@ def cmd_train(args) -> int:
         memory_efficient=not args.naive_loss, eval_every=opt["eval_every"], eval_batches=opt["eval_batches"],
         save_every=opt["save_every"], log_every=opt["log_every"], seed=opt["seed"], device=args.device,
         dtype=args.dtype, compile=args.compile, tokenizer=args.tokenizer, val_fraction=opt["val_fraction"],
+        fsdp=args.fsdp, activation_checkpointing=args.activation_checkpointing,
     )
+    if args.nproc is not None and args.nproc < 1:
+        raise MTPError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from mtp.train import prepare_run
+
+        prepare_run(tcfg, mcfg, args.resume, args.overwrite)  # bad --out / --resume: one line, before launching
+        return _launch_torchrun(args)
     try:
         res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     finally:

@@ -21,12 +21,14 @@ import torch
 from tqdm import tqdm
 
 from mtp import distributed
-from mtp.checkpoint import has_checkpoint, load_checkpoint, load_trainer_state, read_meta, save_checkpoint
+from mtp.checkpoint import (has_checkpoint, inspect_checkpoint, load_checkpoint, load_trainer_state, read_meta,
+                            save_checkpoint)
 from mtp.config import ModelConfig, TrainConfig
 from mtp.data import build_token_data, check_tokens, eval_batches, sample_batch
 from mtp.errors import MTPError
 from mtp.losses import head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
 from mtp.model import MTPTransformer
+from mtp.parallel import apply_compile, parallelize  # noqa: F401  (apply_compile: public here too)
 from mtp.tokenizers import get_tokenizer
 
 
@@ -53,13 +55,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def apply_compile(model: MTPTransformer) -> None:
-    """Compile each block in place: the loss calls the trunk and heads separately, so the blocks
-    (not the whole model's forward) are the unit of compilation."""
-    for block in list(model.layers) + list(model.extra_heads):
-        block.compile()
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -161,7 +156,13 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     mcfg, state = prepare_run(tcfg, mcfg, resume, overwrite)
     if mcfg is None:
         raise MTPError("no model config given")
-    if resume:
+    sharded = tcfg.fsdp and dist_info.world_size > 1
+    model_state = None
+    if resume and sharded:  # rank 0 reads the weights; they are broadcast once the model is sharded
+        _, tokenizer, _ = inspect_checkpoint(out)  # every rank checks the file before any collective
+        if main:
+            model_state = load_checkpoint(out, "cpu")[0].state_dict()
+    elif resume:
         model, tokenizer, _ = load_checkpoint(out, device)
     else:
         tokenizer = get_tokenizer(tcfg.tokenizer)
@@ -186,18 +187,18 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     check_tokens(data.val, tcfg.seq_len, "held-out split")
 
     torch.manual_seed(tcfg.seed)
-    if not resume:
+    if not resume or sharded:
         model = MTPTransformer(mcfg).to(device)
     distributed.broadcast_params(model)
-    params = list(model.parameters())
+    # activation checkpointing, FSDP2, compilation: applied from outside the model
+    par = parallelize(model, dist_info, tcfg)
     opt = make_optimizer(model, tcfg)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        par.load_full_state(opt, model_state, state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
-    if tcfg.compile:
-        apply_compile(model)
+    del model_state
     ctx, compute_dtype = autocast_for(device, tcfg.dtype)
 
     metrics_path = out / "metrics.jsonl"
@@ -215,10 +216,13 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 f.write(json.dumps(record) + "\n")
 
     def save(step: int) -> None:
+        """Full weights and a name-keyed optimizer state (gathered to rank 0 under FSDP2), so a
+        checkpoint resumes under any world size, sharded or not."""
+        model_sd, optim_sd = par.full_state(opt)
         if main:
-            trainer_state = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+            trainer_state = {"optimizer": optim_sd, "step": step, "rng": torch.get_rng_state()}
             save_checkpoint(out / "checkpoint", model, tokenizer, trainer_state=trainer_state,
-                            train_config=tcfg.to_dict(), step=step)
+                            train_config=tcfg.to_dict(), step=step, state_dict=model_sd)
 
     tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist_info.world_size
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
@@ -238,11 +242,11 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             for micro in range(tcfg.grad_accum):
                 batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
                                      micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
-                with ctx:
+                with ctx, par.micro_batch(last=micro == tcfg.grad_accum - 1) as on_backward:
                     if tcfg.memory_efficient:
                         res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
                                                 grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
-                                                compile_ce=tcfg.compile)
+                                                compile_ce=tcfg.compile, on_backward=on_backward)
                     else:
                         res = naive_loss(model, batch, weights)
                         (res.loss / tcfg.grad_accum).backward()
@@ -253,8 +257,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 total, per_head = reduced[0], reduced[1:]
             if not math.isfinite(total):
                 raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
-            distributed.all_reduce_grads(params, dist_info.world_size)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")))
+            par.reduce_grads()  # DDP: one all-reduce; FSDP2: reduce-scattered during the last backward
+            grad_norm = par.clip_grad_norm(tcfg.grad_clip)
             in_update = True
             opt.step()
             completed, in_update = step + 1, False
@@ -271,18 +275,22 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                log({"kind": "eval", "step": done, **evaluate(model, data.val, tcfg, device)})
+                with par.gathered():
+                    log({"kind": "eval", "step": done, **evaluate(model, data.val, tcfg, device)})
             if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
                 save(done)
     except KeyboardInterrupt:
         # keep what was trained: the last finished step is saved and can be resumed
         bar.close()
-        if completed > start and not in_update:
+        if par.fsdp:  # saving gathers the shards, a collective the other ranks may not reach
+            print("interrupted: not saved (sharded training); the last periodic checkpoint stands", file=sys.stderr)
+        elif completed > start and not in_update:
             save(completed)
             print(f"interrupted: saved step {completed} to {out / 'checkpoint'}", file=sys.stderr)
         raise
     bar.close()
-    final = evaluate(model, data.val, tcfg, device)
+    with par.gathered():
+        final = evaluate(model, data.val, tcfg, device)
     log({"kind": "eval", "step": tcfg.steps, **final})
     save(tcfg.steps)
     return TrainResult(out, tcfg.steps, final, tok_s, last_loss, model)
