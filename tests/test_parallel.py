@@ -126,6 +126,28 @@ def test_two_processes_step_equals_one_and_reduce_once(tmp_path):
             assert (got["reduce_scatters"], got["all_reduces"]) == (0, 1), case
 
 
+def test_activation_checkpointing_same_gradients():
+    """Checkpointed trunk blocks recompute their activations in the backward: same loss and
+    gradients, same parameter names, and the recomputation really happens."""
+    from mtp.parallel import apply_activation_checkpointing
+
+    window = torch.randint(0, 64, (2, 17))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = MTPTransformer(ModelConfig(**BASE, head_type="sequential"))
+        if ac:
+            apply_activation_checkpointing(model)
+        calls = []
+        model.layers[0].attention.register_forward_hook(lambda *a: calls.append(1))
+        mtp_loss_backward(model, window, WEIGHTS)
+        assert len(calls) == (2 if ac else 1)  # forward, and again in the backward
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-6, atol=1e-8)
+
+
 def test_named_optimizer_state_roundtrip():
     """The name-keyed optimizer state (the checkpoint's layout) loads back exactly, and maps by
     name, not position."""
