@@ -76,17 +76,27 @@ def load_data(tcfg: TrainConfig, tokenizer, progress: bool):
 
 
 @torch.no_grad()
-def evaluate(model: MTPTransformer, tokens, cfg: TrainConfig, device: torch.device) -> dict:
-    """Held-out loss and top-1 accuracy of every head."""
+def evaluate(model: MTPTransformer, tokens, cfg: TrainConfig, device: torch.device,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """Held-out loss and top-1 accuracy of every head. Under torchrun each process evaluates its
+    slice of the same global batches (as in training) and the sums are added over processes, so
+    the figures do not depend on the number of processes."""
     was_training = model.training
     model.eval()
     ctx, _ = autocast_for(device, cfg.dtype)
-    totals = None
+    n = model.config.n_future
+    totals = {k: torch.zeros(n, dtype=torch.float64) for k in ("ce_sum", "correct", "count")}
     with ctx:
-        for batch in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            m = head_metrics(model, batch.to(device), chunk=cfg.ce_chunk)
-            totals = m if totals is None else {k: totals[k] + m[k] for k in m}
+        for batch in eval_batches(tokens, cfg.batch_size * world_size, cfg.seq_len, cfg.eval_batches):
+            mine = batch[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            if len(mine):
+                m = head_metrics(model, mine.to(device), chunk=cfg.ce_chunk)
+                totals = {k: totals[k] + m[k] for k in m}
     model.train(was_training)
+    if world_size > 1:
+        flat = torch.cat([totals[k] for k in ("ce_sum", "correct", "count")]).to(device)
+        torch.distributed.all_reduce(flat)
+        totals = dict(zip(("ce_sum", "correct", "count"), flat.cpu().split(n)))
     count = totals["count"].clamp(min=1)
     return {
         "loss": (totals["ce_sum"] / count).tolist(),
@@ -276,7 +286,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
                 with par.gathered():
-                    log({"kind": "eval", "step": done, **evaluate(model, data.val, tcfg, device)})
+                    held_out = evaluate(model, data.val, tcfg, device, dist_info.rank, dist_info.world_size)
+                log({"kind": "eval", "step": done, **held_out})
             if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
                 save(done)
     except KeyboardInterrupt:
@@ -290,7 +301,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         raise
     bar.close()
     with par.gathered():
-        final = evaluate(model, data.val, tcfg, device)
+        final = evaluate(model, data.val, tcfg, device, dist_info.rank, dist_info.world_size)
     log({"kind": "eval", "step": tcfg.steps, **final})
     save(tcfg.steps)
     return TrainResult(out, tcfg.steps, final, tok_s, last_loss, model)

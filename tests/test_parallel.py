@@ -250,18 +250,20 @@ def test_resume_across_world_sizes(corpus, tmp_path):
 @pytest.mark.slow
 def test_cli_nproc_fsdp_matches_one_process(corpus, tmp_path):
     """`mtp train --nproc 2 --fsdp` (torchrun underneath) trains like one process on the same
-    global batch."""
+    global batch, and reports the same held-out figures (each process evaluates its slice)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [str(corpus), "--preset", "tiny", "--n-future", "2", "--seq-len", "32", "--steps", "2",
-              "--log-every", "1", "--eval-every", "0", "--eval-batches", "1", "--device", "cpu", "--no-progress",
-              "--lr", "1e-2", "--activation-checkpointing"]
-    losses = []
+              "--log-every", "1", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu", "--no-progress",
+              "--lr", "1e-2", "--activation-checkpointing", "--json"]
+    losses, held_out = [], []
     for name, extra in (("one", ["--batch-size", "4"]), ("two", ["--batch-size", "2", "--nproc", "2", "--fsdp"])):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "mtp", "train", *common, "--out", str(out), *extra],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses.append(_losses(out))
+        held_out.append(json.loads(proc.stdout)["eval_loss"])  # stdout: rank 0's JSON, nothing else
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     for a, b in zip(*losses):
         assert b == pytest.approx(a, rel=1e-5)
+    assert held_out[1] == pytest.approx(held_out[0], rel=1e-5)
