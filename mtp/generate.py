@@ -160,12 +160,16 @@ class _Decoder:
         # the next-token head's outputs by position: sequential heads read them one step later
         self.h0 = (torch.zeros(batch, max_len, model.config.dim, device=p.device, dtype=p.dtype)
                    if self.sequential and k > 1 else None)
+        self.seq = torch.zeros(batch, max_len + k, dtype=torch.long, device=p.device)  # tokens, then drafts
         self.step_fn = self._forward
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
         if cfg.compile:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
             mode = "reduce-overhead" if p.device.type == "cuda" else None
+            # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
+            for t in [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else []):
+                torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
             self.draft_fn = torch.compile(self._sequential_drafts, mode=mode, dynamic=False)
 
@@ -297,7 +301,7 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
 
     rows = torch.arange(B, device=dev)
     ar_k = torch.arange(k, device=dev)
-    seq = torch.zeros(B, max_len + k, dtype=torch.long, device=dev)  # committed tokens, then drafts
+    seq = dec.seq.zero_()  # committed tokens, then drafts
     for b, p in enumerate(prompts):
         seq[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
     L = torch.tensor(lens, device=dev)  # committed tokens per row
