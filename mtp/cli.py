@@ -174,9 +174,15 @@ def cmd_train(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise MTPError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from mtp.data import resolve_corpus
+        from mtp.parallel import check_fsdp
         from mtp.train import prepare_run
 
-        prepare_run(tcfg, mcfg, args.resume, args.overwrite)  # bad --out / --resume: one line, before launching
+        # bad input ends here with one line, before any process is launched
+        saved_mcfg, _ = prepare_run(tcfg, mcfg, args.resume, args.overwrite)
+        resolve_corpus(tcfg.corpus)
+        if tcfg.fsdp:
+            check_fsdp(saved_mcfg)
         return _launch_torchrun(args)
     try:
         res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

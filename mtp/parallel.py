@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from mtp import distributed
-from mtp.config import TrainConfig
+from mtp.config import ModelConfig, TrainConfig
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer
 
@@ -70,14 +70,21 @@ def head_units(model: MTPTransformer) -> dict[int, nn.Module]:
     return {i: m for i in range(model.config.n_future) if (m := model.head_module(i)) is not None}
 
 
+def check_fsdp(cfg: ModelConfig) -> None:
+    """FSDP2 needs a trunk block: the root's gradients are reduced at the end of the trunk's
+    backward, which must pass through at least one sharded unit."""
+    if cfg.head_type != "linear" and cfg.n_trunk == 0:
+        raise MTPError(f"--fsdp needs at least one trunk block: n_layers={cfg.n_layers} must exceed "
+                       f"n_future={cfg.n_future}")
+
+
 def apply_fsdp(model: MTPTransformer, dist_info: distributed.DistInfo, param_dtype: torch.dtype | None) -> None:
     """fully_shard per trunk block, per head, and on the root; bf16 (or float32) parameters in
     compute, float32 gradient reduction."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if model.config.head_type != "linear" and model.config.n_trunk == 0:
-        raise MTPError("--fsdp needs at least one trunk block: use more --n-layers than --n-future")
+    check_fsdp(model.config)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
     # inputs are not cast: the loop's autocast decides the activations' dtype, so rotary tables
     # and norms stay float32 as in unsharded training

@@ -267,3 +267,14 @@ def test_cli_nproc_fsdp_matches_one_process(corpus, tmp_path):
     for a, b in zip(*losses):
         assert b == pytest.approx(a, rel=1e-5)
     assert held_out[1] == pytest.approx(held_out[0], rel=1e-5)
+
+
+def test_cli_nproc_bad_input_is_one_line(corpus, tmp_path):
+    """Bad input with --nproc is refused before torchrun starts: one line, exit code 2."""
+    base = [sys.executable, "-m", "mtp", "train", "--out", str(tmp_path / "run"), "--preset", "tiny",
+            "--device", "cpu", "--nproc", "2"]
+    for extra, message in ((["--n-future", "4", "--fsdp", str(corpus)], "needs at least one trunk block"),
+                           ([str(tmp_path / "missing")], "missing")):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
