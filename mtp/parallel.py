@@ -37,6 +37,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from mtp import distributed
 from mtp.config import ModelConfig, TrainConfig
@@ -86,8 +87,8 @@ def apply_fsdp(model: MTPTransformer, dist_info: distributed.DistInfo, param_dty
 
     check_fsdp(model.config)
     mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
-    # inputs are not cast: the loop's autocast decides the activations' dtype, so rotary tables
-    # and norms stay float32 as in unsharded training
+    # inputs are not cast (the loop's autocast handles the matmuls): cast inputs would round the
+    # rotary cos/sin tables to bf16
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     trunk = list(model.trunk_blocks)
     heads = head_units(model)
