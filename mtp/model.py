@@ -34,26 +34,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight  # in float32
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_len, head_dim // 2), float32."""
+    """cos and sin tables, each (max_len, head_dim), float32; pair k's angle t * theta^(-2k/hd)
+    fills both of its entries 2k and 2k+1."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs).repeat_interleave(2, dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2k], x[2k+1]) of x (B, T, H, hd) by position; cos/sin are
-    (T, hd/2), shared by the batch, or (B, T, hd/2) when every row has its own positions."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hd/2) or (B, T, 1, hd/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    (T, hd), shared by the batch, or (B, T, hd) when every row has its own positions.
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as x * cos + (-x1, x0) * sin: five kernels."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (-x1, x0) per pair
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hd) or (B, T, 1, hd)
+    return (xf * cos + rotated * sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -102,7 +102,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # decoding: few tokens, so rotate q and k in one go (fewer kernels)
+            q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if kv is not None:  # decoding: attend over the static cache, masked by position
             k, v = kv.update(step.positions, k, v, step.kv_len)  # (B, Hkv, kv_len, hd)
