@@ -112,8 +112,10 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 
 
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
-              max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None) -> dict:
-    """Greedy and speculative tokens/s for each batch size and k. Returns {"results": [...], ...}."""
+              max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3) -> dict:
+    """Greedy and speculative tokens/s for each batch size and k, each the best of `repeats`
+    timed runs after a warm-up (the fastest run is the one least disturbed by the machine).
+    Returns {"results": [...], ...}."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     ks = check_bench_args(model, batch_sizes, ks)
     hf_model = None
@@ -122,27 +124,34 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
 
         hf_model = to_hf_llama(model).to(device=model.output.weight.device, dtype=model.output.weight.dtype)
 
+    if repeats < 1:
+        raise MTPError("repeats must be at least 1")
+
     def run(batch, k):
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile)
         return generate(model, batch, cfg)
 
+    def best(batch, k):
+        runs = [run(batch, k) for _ in range(repeats)]
+        return max(runs, key=lambda r: r.stats.tokens_per_s)
+
     results = []
     for b in batch_sizes:
         batch = _batch(prompts, b)
-        run(batch[:b], 1)  # warm-up (allocator, compile)
-        greedy = run(batch, 1)
+        run(batch, 1)  # warm-up (allocator, compile)
+        greedy = best(batch, 1)
         row = {"batch_size": b, "greedy_tok_s": greedy.stats.tokens_per_s}
         log(f"batch {b}: greedy {greedy.stats.tokens_per_s:,.0f} tok/s")
         if hf_model is not None:
             hf_greedy(hf_model, batch, 4)  # warm-up
-            hf_tokens, secs = hf_greedy(hf_model, batch, max_new_tokens)
+            hf_tokens, secs = min((hf_greedy(hf_model, batch, max_new_tokens) for _ in range(repeats)),
+                                  key=lambda r: r[1])
             hf_row = {"hf_greedy_tok_s": b * max_new_tokens / secs, "hf_identical": hf_tokens == greedy.tokens}
             log(f"batch {b}: transformers greedy {hf_row['hf_greedy_tok_s']:,.0f} tok/s, "
                 f"same tokens as ours: {hf_row['hf_identical']}")
         for k in ks:
-            if k > 1:
-                run(batch, k) if compile else None  # compile each k's step before timing it
-            spec = run(batch, k)
+            run(batch, k)  # warm-up (and compilation of this k's step)
+            spec = best(batch, k)
             s = spec.stats
             results.append({
                 **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.stats.tokens_per_s,
@@ -154,7 +163,8 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     return {"max_new_tokens": max_new_tokens, "n_prompts": len(prompts),
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "results": results}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
+            "results": results}
 
 
 def format_table(report: dict) -> str:

@@ -358,7 +358,7 @@ def cmd_bench(args) -> int:
         raise MTPError(f"prompts of up to {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceed the "
                        f"model's context of {model.config.max_seq_len}")
     report = run_bench(model, prompts, batch_sizes, ks, args.max_new_tokens, compile=args.compile, hf=args.hf,
-                       log=(lambda m: None) if args.json else None)
+                       log=(lambda m: None) if args.json else None, repeats=args.repeats)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
     _emit(report, args.json, format_table(report))
     return 0
@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--k", default=None, help="heads to speculate with, e.g. 2,3,4 (default: 2..all)")
     p.add_argument("--hf", action="store_true", help="also time transformers' greedy generate on the same weights")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the fastest is reported")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

@@ -72,7 +72,7 @@ def test_generate_sampling_and_prompt_file(capsys, ckpt, tmp_path):
 def test_bench_json(capsys, ckpt):
     path, _ = ckpt
     code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,3", "--max-new-tokens", "12",
-                             "--prompt-len", "24", "--json")
+                             "--prompt-len", "24", "--repeats", "1", "--json")
     assert code == 0, err
     report = json.loads(out)
     rows = report["results"]
