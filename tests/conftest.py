@@ -17,3 +17,13 @@ def _one_thread():
 def _private_cache(tmp_path, monkeypatch):
     """Token shards go to the test's own directory, never to ~/.cache."""
     monkeypatch.setenv("MTP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small code corpus: 8 Python files."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(8):
+        (d / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 30)
+    return d

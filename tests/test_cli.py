@@ -15,15 +15,6 @@ TINY = ["--preset", "tiny", "--n-future", "2", "--batch-size", "2", "--seq-len",
         "--eval-batches", "1", "--log-every", "1", "--no-progress"]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(6):
-        (d / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 20)
-    return d
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -16,12 +16,8 @@ from mtp.tokenizers import ByteTokenizer
 
 
 @pytest.fixture
-def ckpt(tmp_path):
+def ckpt(tmp_path, corpus):
     """A random 3-head byte-level model whose training corpus is a small directory of code."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 5}\n\n" * 30)
     torch.manual_seed(0)
     model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
                                        multiple_of=16, n_future=3))

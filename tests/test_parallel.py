@@ -218,15 +218,6 @@ def _losses(out) -> list[list[float]]:
     return [r["per_head"] for r in rows if r["kind"] == "train"]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(8):
-        (d / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 30)
-    return d
-
-
 @pytest.mark.slow
 def test_resume_across_world_sizes(corpus, tmp_path):
     """Steps 1-2 on 2 FSDP2 processes (crash at step 3), steps 3-4 resumed on 1 process (crash at
