@@ -162,6 +162,7 @@ class _Decoder:
                    if self.sequential and k > 1 else None)
         self.seq = torch.zeros(batch, max_len + k, dtype=torch.long, device=p.device)  # tokens, then drafts
         self.step_fn = self._forward
+        self.greedy_fn = self._greedy_step
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
         if cfg.compile:
@@ -171,6 +172,7 @@ class _Decoder:
             for t in [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else []):
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
+            self.greedy_fn = torch.compile(self._greedy_step, mode=mode, dynamic=False)
             self.draft_fn = torch.compile(self._sequential_drafts, mode=mode, dynamic=False)
 
     def reset(self, cfg: GenerationConfig) -> "_Decoder":
@@ -201,6 +203,23 @@ class _Decoder:
             self.h0.scatter_(1, idx, outs[0])
         extra = [] if self.sequential else [outs[i] for i in range(1, self.k)]
         return model.logits(outs[0]), extra  # (B, T, V), k - 1 x (B, T, D)
+
+    def _greedy_step(self, fed: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        """A whole greedy step of parallel-type heads in one function (one graph when compiled):
+        fed (B, k) = each row's last token and its k - 1 drafts -> the tokens to commit (B, k;
+        the first a + 1 of each row), a (B,) accepted drafts, and the next drafts (B, k - 1)."""
+        logits, extra = self._forward(fed, positions, kv_len)
+        target = logits.argmax(-1)  # (B, k): the verifier's choice after each fed token
+        B, k = fed.shape
+        if k > 1:
+            a = (fed[:, 1:] == target[:, :-1]).long().cumprod(1).sum(1)
+        else:
+            a = torch.zeros(B, dtype=torch.long, device=fed.device)
+        bonus = target[torch.arange(B, device=fed.device), a]
+        new = torch.cat([fed[:, 1:], bonus[:, None]], 1)
+        new = torch.where(torch.arange(k, device=fed.device)[None, :] < a[:, None], new, bonus[:, None])
+        drafts = self.parallel_drafts(extra, a)[0] if k > 1 else None
+        return new, a, drafts
 
     def choose(self, logits: torch.Tensor):
         """Greedy: (argmax, None). Sampling: (a sample, the distribution it came from)."""
@@ -317,11 +336,12 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     new = first[:, None].expand(B, k)
     n_new = torch.ones(B, dtype=torch.long, device=dev)
     drafts = qs = None
-    forwards, row_forwards, accepted = 1, B, torch.zeros(max(k - 1, 1), dtype=torch.long, device=dev)
+    forwards, accepted = 1, torch.zeros(max(k - 1, 1), dtype=torch.long, device=dev)
+    row_steps = torch.zeros((), dtype=torch.long, device=dev)  # decode steps of active rows
+    fused = cfg.greedy and not dec.sequential  # one function per step: forward, acceptance, drafts
 
     outputs: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
-    texts = [""] * B
     while True:
         # commit the step's new tokens; a row stops at the end-of-text token or its budget
         n_new = torch.minimum(n_new, budget - gen)
@@ -359,7 +379,7 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
             break
 
         # drafts for the next step come from the position the verifier last accepted
-        if k > 1:
+        if k > 1 and not (fused and drafts is not None):
             if dec.sequential:
                 kv = dec.kv_len(L_max)  # the window ends at last = L - 2 <= L_max
                 window = T0 if drafts is None else 2 * k - 2  # re-run what read drafts last time
@@ -373,40 +393,24 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
         if k > 1:
             fed = torch.cat([fed, drafts], 1)  # (B, k)
         positions = (L - 1)[:, None] + ar_k  # (B, k)
-        logits, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
         forwards += 1
-        row_forwards += int(active.sum())
-        if cfg.greedy:
-            target = logits.argmax(-1)  # (B, k): the verifier's choice after each fed token
-            ok = drafts == target[:, :-1] if k > 1 else None
+        row_steps += active.sum()
+        if fused:
+            new, a, drafts = dec.greedy_fn(fed, positions, dec.kv_len(L_max + k - 2))
         else:
-            p = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, k, V)
-            if k > 1:
-                p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
-                q_d = qs.gather(-1, drafts[..., None])[..., 0]
-                u = torch.rand(p_d.shape, generator=dec.generator, device=dev)
-                ok = u * q_d < p_d  # accept with probability min(1, p / q)
-        a = ok.long().cumprod(1).sum(1) if k > 1 else torch.zeros(B, dtype=torch.long, device=dev)
+            logits, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
+            new, a = _accept(dec, logits, drafts, qs)
         if k > 1:
             accepted += ((a[:, None] > torch.arange(k - 1, device=dev)) & active[:, None]).sum(0)
-        if cfg.greedy:
-            bonus = target[rows, a]
-        else:
-            last_pick = sample(p[:, -1], dec.generator)  # every draft accepted: p after the last
-            if k > 1:
-                fixes = sample(residual_distribution(p[:, :-1], qs), dec.generator)  # (B, k-1)
-                bonus = torch.where(a == k - 1, last_pick, fixes.gather(1, a.clamp(max=k - 2)[:, None])[:, 0])
-            else:
-                bonus = last_pick
-        new = torch.cat([drafts, bonus[:, None]], 1) if k > 1 else bonus[:, None]
-        new = torch.where(ar_k[None, :] < a[:, None], new, bonus[:, None])  # d_1..d_a, bonus, ...
         n_new = a + 1
         last = L - 1 + a
 
     sync()
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(o) for o in outputs)
-    acc = (accepted.float() / max(row_forwards - B, 1)).tolist() if k > 1 else []
+    row_steps = int(row_steps)
+    row_forwards = B + row_steps  # the prefill and the decode steps of active rows
+    acc = (accepted.float() / max(row_steps, 1)).tolist() if k > 1 else []
     stats = GenerationStats(
         batch_size=B, k=k, prompt_tokens=sum(lens), new_tokens=n_tokens, forward_passes=forwards,
         tokens_per_forward=n_tokens / max(row_forwards, 1), acceptance_by_head=acc if forwards > 1 else [0.0] * (k - 1),
@@ -416,6 +420,34 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     if tokenizer is not None:
         out_texts = [_strip_stop(tokenizer.decode(o), cfg.stop) for o in outputs]
     return GenerationOutput(outputs, [r or "length" for r in reasons], stats, out_texts)
+
+
+def _accept(dec: _Decoder, logits: torch.Tensor, drafts: torch.Tensor | None, qs: torch.Tensor | None):
+    """Acceptance outside the fused greedy step (sampling; sequential heads): the verifier's
+    logits (B, k, V) after each fed token, the drafts (B, k - 1) and, when sampling, their
+    proposal distributions (B, k - 1, V) -> (tokens to commit (B, k), accepted drafts a (B,))."""
+    cfg = dec.cfg
+    B, k = logits.shape[:2]
+    dev = logits.device
+    if cfg.greedy:
+        target = logits.argmax(-1)  # (B, k)
+        a = (drafts == target[:, :-1]).long().cumprod(1).sum(1) if k > 1 else torch.zeros(B, dtype=torch.long, device=dev)
+        bonus = target[torch.arange(B, device=dev), a]
+    else:
+        p = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, k, V)
+        last_pick = sample(p[:, -1], dec.generator)  # every draft accepted: p after the last
+        if k > 1:
+            p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+            q_d = qs.gather(-1, drafts[..., None])[..., 0]
+            u = torch.rand(p_d.shape, generator=dec.generator, device=dev)
+            a = (u * q_d < p_d).long().cumprod(1).sum(1)  # accept with probability min(1, p / q)
+            fixes = sample(residual_distribution(p[:, :-1], qs), dec.generator)  # (B, k-1)
+            bonus = torch.where(a == k - 1, last_pick, fixes.gather(1, a.clamp(max=k - 2)[:, None])[:, 0])
+        else:
+            a, bonus = torch.zeros(B, dtype=torch.long, device=dev), last_pick
+    new = torch.cat([drafts, bonus[:, None]], 1) if k > 1 else bonus[:, None]
+    new = torch.where(torch.arange(k, device=dev)[None, :] < a[:, None], new, bonus[:, None])  # d_1..d_a, bonus
+    return new, a
 
 
 # ---- stop strings (host side, only when asked for) ----------------------------------------
