@@ -146,7 +146,9 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # ---- the decoder ------------------------------------------------------------------------------
 class _Decoder:
-    """State of one generate() call: caches, committed tokens and lengths of every row."""
+    """Buffers and step functions for decoding B rows of up to max_len positions with k heads:
+    the static KV caches, the token buffer and (sequential heads) the next-token head's outputs.
+    One per generate() call; kept per shape on the model when compiled (see _decoder_for)."""
 
     def __init__(self, model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig):
         self.model, self.k, self.cfg = model, k, cfg
@@ -202,14 +204,14 @@ class _Decoder:
             idx = positions[:, :, None].expand(-1, -1, outs[0].shape[-1])
             self.h0.scatter_(1, idx, outs[0])
         extra = [] if self.sequential else [outs[i] for i in range(1, self.k)]
-        return model.logits(outs[0]), extra  # (B, T, V), k - 1 x (B, T, D)
+        return outs[0], extra  # the next-token head's hidden (B, T, D), k - 1 x (B, T, D)
 
     def _greedy_step(self, fed: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """A whole greedy step of parallel-type heads in one function (one graph when compiled):
         fed (B, k) = each row's last token and its k - 1 drafts -> the tokens to commit (B, k;
         the first a + 1 of each row), a (B,) accepted drafts, and the next drafts (B, k - 1)."""
-        logits, extra = self._forward(fed, positions, kv_len)
-        target = logits.argmax(-1)  # (B, k): the verifier's choice after each fed token
+        h, extra = self._forward(fed, positions, kv_len)
+        target = self.model.logits(h).argmax(-1)  # (B, k): the verifier's choice after each fed token
         B, k = fed.shape
         if k > 1:
             a = (fed[:, 1:] == target[:, :-1]).long().cumprod(1).sum(1)
@@ -312,7 +314,6 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
 def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> GenerationOutput:
     B, T0 = len(prompts), max(lens)
     dec = _decoder_for(model, k, B, T0 + max(budgets) + k, cfg)  # room for the last step's drafts
-    max_len = dec.max_len
     dev = dec.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
@@ -330,9 +331,9 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     active = torch.ones(B, dtype=torch.bool, device=dev)
 
     # prefill: every prompt position, each row's first token from its last prompt position
-    logits, extra = dec._forward(seq[:, :T0], torch.arange(T0, device=dev).expand(B, -1), dec.kv_len(T0 - 1))
+    h, extra = dec._forward(seq[:, :T0], torch.arange(T0, device=dev).expand(B, -1), dec.kv_len(T0 - 1))
     last = L - 1
-    first, _ = dec.choose(logits[rows, last])
+    first, _ = dec.choose(model.logits(h[rows, last]))  # logits at the last position only
     new = first[:, None].expand(B, k)
     n_new = torch.ones(B, dtype=torch.long, device=dev)
     drafts = qs = None
@@ -398,8 +399,8 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
         if fused:
             new, a, drafts = dec.greedy_fn(fed, positions, dec.kv_len(L_max + k - 2))
         else:
-            logits, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
-            new, a = _accept(dec, logits, drafts, qs)
+            h, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
+            new, a = _accept(dec, model.logits(h), drafts, qs)
         if k > 1:
             accepted += ((a[:, None] > torch.arange(k - 1, device=dev)) & active[:, None]).sum(0)
         n_new = a + 1
