@@ -360,6 +360,10 @@ def cmd_bench(args) -> int:
     report = run_bench(model, prompts, batch_sizes, ks, args.max_new_tokens, compile=args.compile, hf=args.hf,
                        log=(lambda m: None) if args.json else None, repeats=args.repeats)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
+    if args.plot:
+        from mtp.plots import plot_decoding
+
+        report["plot"] = str(plot_decoding(report, Path(args.plot), title=f"decoding {meta['path']}"))
     _emit(report, args.json, format_table(report))
     return 0
 
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default=None, help="heads to speculate with, e.g. 2,3,4 (default: 2..all)")
     p.add_argument("--hf", action="store_true", help="also time transformers' greedy generate on the same weights")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the fastest is reported")
+    p.add_argument("--plot", default=None, help="also draw the table as a bar chart into this PNG")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mtp.bench import corpus_prompts, format_table, run_bench
 from mtp.config import TrainConfig, preset
-from mtp.plots import plot_head_losses
+from mtp.plots import plot_decoding, plot_head_losses
 from mtp.tokenizers import ByteTokenizer
 from mtp.train import pad_vocab, train
 
@@ -66,15 +66,17 @@ def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress
     tokens = steps * DEMO_TRAIN["batch_size"] * DEMO_TRAIN["seq_len"]
     decoding = decoding_comparison(runs[4].model, ByteTokenizer(), progress)
     decode_table = format_table(decoding)
+    decode_plot = plot_decoding(decoding, out / "decoding.png", title="n = 4 model: greedy vs self-speculative decoding")
     report = (f"# mtp demo\n\nTwo parameter-matched models ({DEMO_MODEL['n_layers']} blocks, dim "
               f"{DEMO_MODEL['dim']}), byte-level, trained {steps} steps ({tokens:,} tokens) each on the "
               f"Python standard library's source; held-out split by file.\n\n{table}\n\n![per-head loss]({plot.name})\n"
               f"\n## Decoding the n = 4 model\n\nPlain greedy against self-speculative decoding with k heads, "
               f"{decoding['max_new_tokens']} new tokens from {DEMO_DECODE['prompt_len']}-byte held-out prompts, "
               f"on {decoding['device']} ({decoding['threads']} threads); `identical`: the speculative output "
-              f"equals greedy.\n\n{decode_table}\n")
+              f"equals greedy.\n\n{decode_table}\n\n![decoding speed]({decode_plot.name})\n")
     (out / "report.md").write_text(report)
     result = {"steps": steps, "tokens_per_model": tokens, "models": rows, "table": table + "\n\n" + decode_table,
-              "decoding": decoding, "report": str(out / "report.md"), "plot": str(plot)}
+              "decoding": decoding, "report": str(out / "report.md"), "plot": str(plot),
+              "decoding_plot": str(decode_plot)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

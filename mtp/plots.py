@@ -54,3 +54,40 @@ def plot_head_losses(runs: dict[str, Path], out_png: Path, title: str = "per-hea
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_decoding(report: dict, out_png: Path, title: str = "decoding speed") -> Path:
+    """From an `mtp bench` report: tokens/s of greedy and of speculative decoding with each k, one
+    group of bars per batch size, each speculative bar labelled with its tokens per forward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    batches = sorted({r["batch_size"] for r in rows})
+    ks = sorted({r["k"] for r in rows})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(batches) * (len(ks) + 1), 4))
+    width = 0.8 / (len(ks) + 1)
+    for g, b in enumerate(batches):
+        mine = {r["k"]: r for r in rows if r["batch_size"] == b}
+        greedy = next(iter(mine.values()))["greedy_tok_s"]
+        ax.bar(g, greedy, width, color="0.55", label="greedy" if g == 0 else None)
+        for j, k in enumerate(ks, start=1):
+            if k not in mine:
+                continue
+            r = mine[k]
+            bar = ax.bar(g + j * width, r["spec_tok_s"], width, color=f"C{j - 1}",
+                         label=f"speculative, k = {k}" if g == 0 else None)
+            ax.bar_label(bar, [f"{r['tokens_per_forward']:.2f} tok/fwd\n{r['speedup']:.2f}x"], fontsize=7)
+    ax.set_xticks([g + width * len(ks) / 2 for g in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("new tokens / s")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

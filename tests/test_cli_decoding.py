@@ -84,9 +84,10 @@ def test_bench_prompt_file_and_table(capsys, ckpt, tmp_path):
     path, _ = ckpt
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def g(y):"}) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
     code, out, err = run_cli(capsys, "bench", path, "--prompts", tmp_path / "p.jsonl", "--batch-sizes", "2",
-                             "--k", "2", "--max-new-tokens", "8")
+                             "--k", "2", "--max-new-tokens", "8", "--plot", tmp_path / "bench.png")
     assert code == 0, err
     assert out.splitlines()[0].startswith("| batch | k | greedy tok/s") and "| 2 | 2 |" in out
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_against_transformers(capsys, ckpt):

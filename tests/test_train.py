@@ -240,6 +240,7 @@ def test_demo_runs_end_to_end_and_plots(tmp_path, monkeypatch):
     assert [(r["batch_size"], r["k"]) for r in decoding] == [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
     assert all(r["identical"] for r in decoding)
     assert "## Decoding the n = 4 model" in (tmp_path / "demo" / "report.md").read_text()
+    assert (tmp_path / "demo" / "decoding.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [m["n_future"] for m in result["models"]] == [4, 1]
     assert len(result["models"][0]["heldout_top1_per_head"]) == 4
     assert "| n=4 |" in result["table"] and "| n=1 |" in result["table"]
