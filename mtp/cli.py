@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`mtp generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
