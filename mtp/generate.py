@@ -337,6 +337,8 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     new = first[:, None].expand(B, k)
     n_new = torch.ones(B, dtype=torch.long, device=dev)
     drafts = qs = None
+    if k > 1 and not dec.sequential:  # the heads' drafts at each row's last prompt position
+        drafts, qs = dec.parallel_drafts(extra, last)
     forwards, accepted = 1, torch.zeros(max(k - 1, 1), dtype=torch.long, device=dev)
     row_steps = torch.zeros((), dtype=torch.long, device=dev)  # decode steps of active rows
     fused = cfg.greedy and not dec.sequential  # one function per step: forward, acceptance, drafts
@@ -379,15 +381,13 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
         if not any(r is None for r in reasons):
             break
 
-        # drafts for the next step come from the position the verifier last accepted
-        if k > 1 and not (fused and drafts is not None):
-            if dec.sequential:
-                kv = dec.kv_len(L_max)  # the window ends at last = L - 2 <= L_max
-                window = T0 if drafts is None else 2 * k - 2  # re-run what read drafts last time
-                fn = dec._sequential_drafts if drafts is None else dec.draft_fn
-                drafts, qs = fn(seq, last, window, kv)
-            else:
-                drafts, qs = dec.parallel_drafts(extra, last if drafts is None else a)
+        # sequential heads draft now, from the position the verifier last accepted (other heads'
+        # drafts came out of the verify pass)
+        if k > 1 and dec.sequential:
+            kv = dec.kv_len(L_max)  # the window ends at last = L - 2 <= L_max
+            window = T0 if drafts is None else 2 * k - 2  # re-run what read drafts last time
+            fn = dec._sequential_drafts if drafts is None else dec.draft_fn
+            drafts, qs = fn(seq, last, window, kv)
 
         # verify: each row's last committed token and its k - 1 drafts, at its own positions
         fed = seq.gather(1, (L - 1)[:, None])
@@ -398,9 +398,13 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
         row_steps += active.sum()
         if fused:
             new, a, drafts = dec.greedy_fn(fed, positions, dec.kv_len(L_max + k - 2))
+            if dec.compiled:  # a captured graph's outputs are overwritten by its next replay
+                new, a, drafts = (t.clone() if t is not None else None for t in (new, a, drafts))
         else:
             h, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
             new, a = _accept(dec, model.logits(h), drafts, qs)
+            if k > 1 and not dec.sequential:  # next drafts, from the position just accepted
+                drafts, qs = dec.parallel_drafts(extra, a)
         if k > 1:
             accepted += ((a[:, None] > torch.arange(k - 1, device=dev)) & active[:, None]).sum(0)
         n_new = a + 1
