@@ -296,11 +296,20 @@ def _gen_config(args, tok):
                             eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile)
 
 
+def _stats_line(s, reason: str | None = None) -> str:
+    acc = " / ".join(f"{a:.2f}" for a in s.acceptance_by_head)
+    return (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:,.1f} tok/s, k={s.k}, "
+            f"{s.tokens_per_forward:.2f} tokens/forward" + (f", acceptance by head {acc}" if acc else "")
+            + (f", stop: {reason}" if reason else "") + "]")
+
+
 def cmd_generate(args) -> int:
     from mtp.generate import generate
 
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise MTPError("give --prompt TEXT or --prompt-file FILE")
+    if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompts)) != 1:
+        raise MTPError("give one of --prompt TEXT, --prompt-file FILE or --prompts FILE")
+    if args.batch_size < 1:
+        raise MTPError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.prompt_file is not None:
         try:
             text = Path(args.prompt_file).read_text()
@@ -311,6 +320,8 @@ def cmd_generate(args) -> int:
     model, tok, _ = _load_for_decoding(args)
     cfg = _gen_config(args, tok)
     cfg.validate()
+    if args.prompts is not None:
+        return _generate_batch(model, tok, cfg, args)
     prompt = tok.encode(text)
     stream = None if args.json else _Stream(tok, cfg.stop)
     out = generate(model, [prompt], cfg, tokenizer=tok, on_step=stream)
@@ -320,10 +331,32 @@ def cmd_generate(args) -> int:
                           "stop_reason": out.stop_reasons[0], "stats": s.to_dict()}))
     else:
         stream.finish(out.texts[0])
-        acc = " / ".join(f"{a:.2f}" for a in s.acceptance_by_head)
-        print(f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:,.1f} tok/s, k={s.k}, "
-              f"{s.tokens_per_forward:.2f} tokens/forward" + (f", acceptance by head {acc}" if acc else "")
-              + f", stop: {out.stop_reasons[0]}]", file=sys.stderr)
+        print(_stats_line(s, out.stop_reasons[0]), file=sys.stderr)
+    return 0
+
+
+def _generate_batch(model, tok, cfg, args) -> int:
+    """--prompts FILE: every prompt of the file, --batch-size at a time (rows of a batch decode
+    together, each at its own length). Text: each completion under a '### i' line; --json: one
+    object with a result per prompt and the statistics of each batch."""
+    from mtp.bench import file_prompts
+    from mtp.generate import generate
+
+    prompts = file_prompts(args.prompts, tok)
+    results, batches = [], []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        out = generate(model, chunk, cfg, tokenizer=tok)
+        batches.append(out.stats.to_dict())
+        for j, (prompt, toks, text, reason) in enumerate(zip(chunk, out.tokens, out.texts, out.stop_reasons)):
+            results.append({"index": start + j, "text": text, "tokens": toks, "prompt_tokens": len(prompt),
+                            "stop_reason": reason})
+            if not args.json:
+                print(f"### {start + j}\n{text}", flush=True)
+        if not args.json:
+            print(_stats_line(out.stats), file=sys.stderr)
+    if args.json:
+        print(json.dumps({"results": results, "batches": batches}))
     return 0
 
 
@@ -392,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(max_new_tokens=256)
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-file", default=None)
+    p.add_argument("--prompts", default=None, help="many prompts: .jsonl with a prompt (or text) field, "
+                   "or a text file, one per line; decoded --batch-size at a time")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="heads drafting and verifying per step (default: all; 1: plain decoding)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")

@@ -65,6 +65,24 @@ def test_generate_sampling_and_prompt_file(capsys, ckpt, tmp_path):
     assert first["tokens"] == second["tokens"] and first["prompt_tokens"] == 10
 
 
+def test_generate_many_prompts_in_batches(capsys, ckpt, tmp_path):
+    """--prompts: rows of different lengths decoded together give each prompt's own greedy output."""
+    path, model = ckpt
+    tok = ByteTokenizer()
+    texts = ["def f(x):", "import os", "x = [1, 2, 3]\nprint(", "class A:"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    code, out, err = run_cli(capsys, "generate", path, "--prompts", tmp_path / "p.jsonl", "--batch-size", "3",
+                             "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["index"] for r in res["results"]] == [0, 1, 2, 3] and len(res["batches"]) == 2
+    for t, r in zip(texts, res["results"]):
+        alone = generate(model, [tok.encode(t)], GenerationConfig(max_new_tokens=12, speculative=1))
+        assert r["tokens"] == alone.tokens[0] and r["text"] == tok.decode(alone.tokens[0])
+    code, out, err = run_cli(capsys, "generate", path, "--prompts", tmp_path / "p.jsonl", "--max-new-tokens", "12")
+    assert code == 0 and out.startswith("### 0\n") and "### 3\n" in out
+
+
 def test_bench_json(capsys, ckpt):
     path, _ = ckpt
     code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,3", "--max-new-tokens", "12",
@@ -107,7 +125,10 @@ def test_bench_against_transformers(capsys, ckpt):
     (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", "x", "--top-p", "0"], r"top-p must be in \(0, 1\]"),
     (["--prompt", "x", "--top-p", "1.5"], r"top-p must be in \(0, 1\]"),
-    ([], "give --prompt TEXT or --prompt-file FILE"),
+    ([], "give one of --prompt TEXT, --prompt-file FILE or --prompts FILE"),
+    (["--prompt", "x", "--prompts", "p.jsonl"], "give one of --prompt TEXT"),
+    (["--prompts", "/nonexistent/p.jsonl"], "prompt file not found"),
+    (["--prompts", "p.jsonl", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--prompt-file", "/nonexistent/p.txt"], "cannot read --prompt-file"),
 ])
 def test_generate_bad_input(capsys, ckpt, argv, match):
