@@ -74,16 +74,6 @@ def train_walker(model: MTPTransformer, steps: int, batch: int, seq: int, active
             "seconds": time.perf_counter() - t0, "perm": perm}
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")
@@ -189,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--active", type=int, default=4096, help="tokens the walk visits")
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    ap.add_argument("--compile-ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
+    ap.add_argument("--compile-ks", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4],
                     help="k values also timed compiled (CUDA graphs); empty string: none")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")

@@ -211,16 +211,8 @@ class _Decoder:
         fed (B, k) = each row's last token and its k - 1 drafts -> the tokens to commit (B, k;
         the first a + 1 of each row), a (B,) accepted drafts, and the next drafts (B, k - 1)."""
         h, extra = self._forward(fed, positions, kv_len)
-        target = self.model.logits(h).argmax(-1)  # (B, k): the verifier's choice after each fed token
-        B, k = fed.shape
-        if k > 1:
-            a = (fed[:, 1:] == target[:, :-1]).long().cumprod(1).sum(1)
-        else:
-            a = torch.zeros(B, dtype=torch.long, device=fed.device)
-        bonus = target[torch.arange(B, device=fed.device), a]
-        new = torch.cat([fed[:, 1:], bonus[:, None]], 1)
-        new = torch.where(torch.arange(k, device=fed.device)[None, :] < a[:, None], new, bonus[:, None])
-        drafts = self.parallel_drafts(extra, a)[0] if k > 1 else None
+        new, a = greedy_accept(self.model.logits(h).argmax(-1), fed[:, 1:])
+        drafts = self.parallel_drafts(extra, a)[0] if fed.shape[1] > 1 else None
         return new, a, drafts
 
     def choose(self, logits: torch.Tensor):
@@ -427,32 +419,44 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     return GenerationOutput(outputs, [r or "length" for r in reasons], stats, out_texts)
 
 
+def _commit(drafts: torch.Tensor | None, bonus: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Tokens to commit (B, k): each row's first a accepted drafts, then its bonus token (the
+    verifier's own, or the replacement of the first rejected draft); the rest is padding."""
+    k = 1 if drafts is None else drafts.shape[1] + 1
+    new = bonus[:, None] if drafts is None else torch.cat([drafts, bonus[:, None]], 1)
+    return torch.where(torch.arange(k, device=bonus.device)[None, :] < a[:, None], new, bonus[:, None])
+
+
+def greedy_accept(target: torch.Tensor, drafts: torch.Tensor | None):
+    """target (B, k): the verifier's argmax after each fed token; drafts (B, k - 1) -> (tokens
+    to commit (B, k), a (B,): the longest prefix of drafts equal to the verifier's choices)."""
+    B, k = target.shape
+    if k > 1:
+        a = (drafts == target[:, :-1]).long().cumprod(1).sum(1)
+    else:
+        a = torch.zeros(B, dtype=torch.long, device=target.device)
+    return _commit(drafts, target[torch.arange(B, device=target.device), a], a), a
+
+
 def _accept(dec: _Decoder, logits: torch.Tensor, drafts: torch.Tensor | None, qs: torch.Tensor | None):
     """Acceptance outside the fused greedy step (sampling; sequential heads): the verifier's
     logits (B, k, V) after each fed token, the drafts (B, k - 1) and, when sampling, their
     proposal distributions (B, k - 1, V) -> (tokens to commit (B, k), accepted drafts a (B,))."""
     cfg = dec.cfg
-    B, k = logits.shape[:2]
-    dev = logits.device
     if cfg.greedy:
-        target = logits.argmax(-1)  # (B, k)
-        a = (drafts == target[:, :-1]).long().cumprod(1).sum(1) if k > 1 else torch.zeros(B, dtype=torch.long, device=dev)
-        bonus = target[torch.arange(B, device=dev), a]
-    else:
-        p = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, k, V)
-        last_pick = sample(p[:, -1], dec.generator)  # every draft accepted: p after the last
-        if k > 1:
-            p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
-            q_d = qs.gather(-1, drafts[..., None])[..., 0]
-            u = torch.rand(p_d.shape, generator=dec.generator, device=dev)
-            a = (u * q_d < p_d).long().cumprod(1).sum(1)  # accept with probability min(1, p / q)
-            fixes = sample(residual_distribution(p[:, :-1], qs), dec.generator)  # (B, k-1)
-            bonus = torch.where(a == k - 1, last_pick, fixes.gather(1, a.clamp(max=k - 2)[:, None])[:, 0])
-        else:
-            a, bonus = torch.zeros(B, dtype=torch.long, device=dev), last_pick
-    new = torch.cat([drafts, bonus[:, None]], 1) if k > 1 else bonus[:, None]
-    new = torch.where(torch.arange(k, device=dev)[None, :] < a[:, None], new, bonus[:, None])  # d_1..d_a, bonus
-    return new, a
+        return greedy_accept(logits.argmax(-1), drafts)
+    B, k = logits.shape[:2]
+    p = process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, k, V)
+    bonus = sample(p[:, -1], dec.generator)  # every draft accepted: a sample of p after the last
+    a = torch.zeros(B, dtype=torch.long, device=logits.device)
+    if k > 1:
+        p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]
+        q_d = qs.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand(p_d.shape, generator=dec.generator, device=logits.device)
+        a = (u * q_d < p_d).long().cumprod(1).sum(1)  # accept with probability min(1, p / q)
+        fixes = sample(residual_distribution(p[:, :-1], qs), dec.generator)  # (B, k-1)
+        bonus = torch.where(a == k - 1, bonus, fixes.gather(1, a.clamp(max=k - 2)[:, None])[:, 0])
+    return _commit(drafts if k > 1 else None, bonus, a), a
 
 
 # ---- stop strings (host side, only when asked for) ----------------------------------------
