@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+    from mtp.commands import add_all
+
+    add_all(sub)  # eval, sweep, tasks, convert, finetune
     return parser
 
 
