@@ -59,6 +59,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--grad-clip", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--naive-loss", action="store_true", help="all heads' logits at once (reference path)")
+    t.add_argument("--log-grad-cosine", action="store_true", help="log the cosine similarity of the heads' "
+                   "gradients at the trunk output (metrics.jsonl: grad_cosine)")
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--eval-batches", type=int, default=None)
     t.add_argument("--save-every", type=int, default=None)
@@ -169,7 +171,7 @@ def cmd_train(args) -> int:
         memory_efficient=not args.naive_loss, eval_every=opt["eval_every"], eval_batches=opt["eval_batches"],
         save_every=opt["save_every"], log_every=opt["log_every"], seed=opt["seed"], device=args.device,
         dtype=args.dtype, compile=args.compile, tokenizer=args.tokenizer, val_fraction=opt["val_fraction"],
-        fsdp=args.fsdp, activation_checkpointing=args.activation_checkpointing,
+        fsdp=args.fsdp, activation_checkpointing=args.activation_checkpointing, log_grad_cosine=args.log_grad_cosine,
     )
     if args.nproc is not None and args.nproc < 1:
         raise MTPError(f"--nproc must be >= 1, got {args.nproc}")

@@ -16,6 +16,8 @@ from pathlib import Path
 from mtp.errors import MTPError
 
 HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
+LAYOUTS = ("plus-layers", "matched")  # how fine-tuning adds heads (mtp.finetune.add_heads)
+FREEZE_MODES = ("none", "trunk")
 
 
 @dataclass
@@ -205,10 +207,38 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each trunk block's activations in backward
     tokenizer: str | None = None  # None = byte-level
     val_fraction: float = 0.005
+    # fine-tuning (mtp.finetune): start from a checkpoint's weights and tokenizer instead of a
+    # random init, with its heads changed to init_n_future (None: kept) laid out by init_layout
+    init_from: str | None = None
+    init_n_future: int | None = None
+    init_layout: str = "plus-layers"  # or "matched" (see mtp.finetune.add_heads)
+    init_head_type: str | None = None  # head type of added heads; None = the checkpoint's
+    freeze: str = "none"  # "trunk": only the extra heads train (embeddings, trunk, next-token head,
+    #                       norm and unembedding frozen; Medusa-1)
+    extra_weight: float = 1.0  # lambda: the extra heads' loss weights are multiplied by it ...
+    extra_weight_warmup: int = 0  # ... ramped linearly from 0 over this many steps (Medusa-2)
+    log_grad_cosine: bool = False  # log the cosine of the heads' gradients at the trunk output
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
             raise MTPError(f"invalid training config: {msg}")
+
+        if self.freeze not in FREEZE_MODES:
+            bad(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {self.freeze!r}")
+        if self.init_layout not in LAYOUTS:
+            bad(f"init_layout must be one of {', '.join(LAYOUTS)}, got {self.init_layout!r}")
+        if self.init_head_type is not None and self.init_head_type not in HEAD_TYPES:
+            bad(f"init_head_type must be one of {', '.join(HEAD_TYPES)}, got {self.init_head_type!r}")
+        if self.init_n_future is not None and int(self.init_n_future) < 1:
+            bad(f"init_n_future must be >= 1, got {self.init_n_future}")
+        if self.init_from is None and (self.init_n_future is not None or self.init_head_type is not None):
+            bad("init_n_future and init_head_type need init_from (the checkpoint to start from)")
+        if not (math.isfinite(self.extra_weight) and self.extra_weight >= 0):
+            bad(f"extra_weight must be a finite number >= 0, got {self.extra_weight}")
+        if self.extra_weight_warmup < 0:
+            bad(f"extra_weight_warmup must be >= 0, got {self.extra_weight_warmup}")
+        if self.log_grad_cosine and not self.memory_efficient:
+            bad("log_grad_cosine needs the memory-efficient loss (not the naive one)")
 
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if int(getattr(self, name)) < 1:

@@ -10,6 +10,11 @@ one chunk of logits alive at a time: the trunk runs forward once, each head runs
 backward in turn with the gradient accumulating at the trunk output, the cross-entropy is fused
 with the unembedding and chunked over tokens (a full (B*T, V) logit tensor never exists), and the
 trunk runs backward once.
+
+Frozen parameters (requires_grad False, e.g. a fine-tuning run that trains only the extra heads)
+get no gradient: the trunk runs under no_grad when none of its parameters trains, a head whose
+input and parameters all are frozen runs no backward, and the unembedding's gradient is neither
+computed nor written when it is frozen.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +87,9 @@ def multi_token_targets(window: torch.Tensor, offsets: list[int]) -> torch.Tenso
 class LossOutput:
     loss: torch.Tensor  # weighted total (detached for the memory-efficient path)
     per_head: list[float]  # each head's mean cross-entropy (NaN for a zero-weight head, not computed)
+    # (n, n) cosine similarity of the heads' gradients at the trunk output, on the device, NaN for
+    # heads that do not read the trunk directly or get no gradient (mtp_loss_backward(grad_cosine=True))
+    grad_cosine: torch.Tensor | None = None
 
 
 def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]) -> LossOutput:
@@ -130,19 +139,24 @@ def _compiled_ce_chunk():
 def fused_linear_cross_entropy(
     z: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, chunk: int | None = None,
     compute_dtype: torch.dtype | None = None, compile: bool = False, dweight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_grad: bool = True, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum of CE(z @ weight.T, labels) and the gradients of scale * that sum, chunk by chunk.
 
     z (N, D) normalised hidden states, weight (V, D), labels (N,) with IGNORE.
     Returns (ce_sum float32 scalar, dz (N, D) in z's dtype, dweight (V, D) float32); a given
     float32 `dweight` buffer is accumulated into and returned. At most (chunk, V) logits exist
-    at a time. compile=True runs each chunk through torch.compile (same result)."""
+    at a time. compile=True runs each chunk through torch.compile (same result).
+    input_grad=False / weight_grad=False skip dz / dweight (returned as None): a frozen input
+    or unembedding costs no matmul."""
     cdt = compute_dtype or z.dtype
     # by default at least two chunks, so that the full (N, V) logits never exist at once
     chunk = chunk or min(default_chunk(weight.shape[0]), max(1, -(-z.shape[0] // 2)))
     w = weight.detach().to(cdt)  # no copy when the caller passes it in the compute dtype
-    dz = torch.empty_like(z)
-    dw = dweight if dweight is not None else torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
+    dz = torch.empty_like(z) if input_grad else None
+    dw = None
+    if weight_grad:
+        dw = dweight if dweight is not None else torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=z.device)
     scale_t = torch.tensor(scale, dtype=torch.float32, device=z.device)
     step = _compiled_ce_chunk() if compile else _ce_chunk
@@ -151,22 +165,26 @@ def fused_linear_cross_entropy(
             zc = z[s : s + chunk].to(cdt)
             ce, g = step(zc, w, labels[s : s + chunk], scale_t)
             ce_sum += ce
-            dz[s : s + chunk] = (g @ w).to(z.dtype)
-            dw += (g.T @ zc).float()
+            if dz is not None:
+                dz[s : s + chunk] = (g @ w).to(z.dtype)
+            if dw is not None:
+                dw += (g.T @ zc).float()
     return ce_sum, dz, dw
 
 
 def mtp_loss_backward(
     model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
     chunk: int | None = None, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
-    compile_ce: bool = False, on_backward: Callable[[int], None] | None = None,
+    compile_ce: bool = False, on_backward: Callable[[int], None] | None = None, grad_cosine: bool = False,
 ) -> LossOutput:
     """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
     into .grad (so it composes with gradient accumulation). Same result as naive_loss.
     compile_ce=True compiles the per-chunk cross-entropy (use it with compiled blocks).
     on_backward(i) is called just before head i's backward and on_backward(TRUNK) just before
     the trunk's (FSDP switches gradient reduction on there: mtp.parallel). The unembedding's
-    gradient is complete, in .grad, before the trunk's backward starts."""
+    gradient is complete, in .grad, before the trunk's backward starts.
+    grad_cosine=True also returns the pairwise cosine similarity of the gradients that the heads
+    reading the trunk output send to it (LossOutput.grad_cosine, on the device: no host sync)."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     n = len(model.parents)
@@ -179,50 +197,60 @@ def mtp_loss_backward(
         needed[i] = weights[i] > 0 or any(needed[c] for c in children.get(i, []))
 
     out_weight = model.output.weight
+    out_trains = out_weight.requires_grad
+    trunk_trains = model.tok_embeddings.weight.requires_grad or any(
+        p.requires_grad for block in model.trunk_blocks for p in block.parameters())
     w_compute = out_weight.detach().to(compute_dtype or out_weight.dtype)  # cast once for all heads
-    dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device)
+    dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device) if out_trains else None
     # every window token is a real token, so head i has B * (T - offset_i + 1) targets (no sync)
     B, T = x.shape
     n_valid_by_head = [B * max(T - o + 1, 0) for o in model.config.head_offsets]
     ce_means: dict[int, torch.Tensor] = {}
 
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
-        """CE of head i on its hidden output: backward through the shared norm; returns d/d out."""
+        """CE of head i on its hidden output: backward through the shared norm; returns d/d out
+        (None when nothing before `out` trains)."""
         if weights[i] == 0:  # a head only run because a later head reads it: no loss of its own
             return None
         lab = labels[:, :, i].reshape(-1).contiguous()  # same strides for every head (no recompiles)
         n_valid = n_valid_by_head[i]
-        out_d = out.detach().requires_grad_()
+        out_d = out.detach().requires_grad_(out.requires_grad)
         z = model.norm(out_d)  # (B, T, D)
         ce_sum, dz, _ = fused_linear_cross_entropy(
             z.detach().reshape(-1, z.shape[-1]), w_compute, lab,
             scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
-            compile=compile_ce, dweight=dw_total,
+            compile=compile_ce, dweight=dw_total, input_grad=z.requires_grad, weight_grad=out_trains,
         )
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
-        torch.autograd.backward(z, dz.view_as(z))
+        if z.requires_grad:  # the shared norm's weight and/or the head's output
+            torch.autograd.backward(z, dz.view_as(z))
         return out_d.grad
 
     def visit(i: int, inp: torch.Tensor) -> torch.Tensor | None:
         """Forward head i (and its subtree), backward it; returns the gradient at its input."""
-        inp_d = inp.detach().requires_grad_()
+        inp_d = inp.detach().requires_grad_(inp.requires_grad)
         out = model.run_head(i, inp_d, x)  # (B, T, D)
         grads = [head_ce_grad(i, out)]
         grads += [visit(c, out) for c in children.get(i, []) if needed[c]]
         grads = [g for g in grads if g is not None]
-        if not grads:
+        if not grads or not out.requires_grad:  # nothing trains before this head's output
             return None
         if on_backward is not None:
             on_backward(i)
         torch.autograd.backward(out, sum(grads))
         return inp_d.grad
 
-    h = model.trunk(x)  # (B, T, D)
-    trunk_grads = [g for c in children[TRUNK] if needed[c] and (g := visit(c, h)) is not None]
-    if out_weight.grad is None:
-        out_weight.grad = dw_total.to(out_weight.dtype)
-    else:
-        out_weight.grad += dw_total.to(out_weight.dtype)
+    with nullcontext() if trunk_trains else torch.no_grad():  # a frozen trunk keeps no activations
+        h = model.trunk(x)  # (B, T, D)
+    trunk_heads = [c for c in children[TRUNK] if needed[c]]
+    by_head = {c: visit(c, h) for c in trunk_heads}
+    trunk_grads = [g for g in by_head.values() if g is not None]
+    if out_trains:
+        if out_weight.grad is None:
+            out_weight.grad = dw_total.to(out_weight.dtype)
+        else:
+            out_weight.grad += dw_total.to(out_weight.dtype)
+    cosine = _grad_cosine(by_head, n, h) if grad_cosine else None
     if on_backward is not None:
         on_backward(TRUNK)
     if trunk_grads:
@@ -231,7 +259,22 @@ def mtp_loss_backward(
     means = torch.stack([ce_means.get(i, torch.tensor(float("nan"), device=x.device)) for i in range(n)])
     per_head = means.tolist()
     total = sum(w * m for w, m in zip(weights, per_head) if w > 0)
-    return LossOutput(torch.tensor(total), per_head)
+    return LossOutput(torch.tensor(total), per_head, cosine)
+
+
+def _grad_cosine(by_head: dict[int, torch.Tensor | None], n: int, h: torch.Tensor) -> torch.Tensor:
+    """(n, n) cosine similarity of the gradients at the trunk output, float32, NaN where a head
+    has no gradient there. Every head's gradient is flattened over batch, positions and
+    features (one vector per head)."""
+    cos = torch.full((n, n), float("nan"), dtype=torch.float32, device=h.device)
+    heads = [i for i, g in by_head.items() if g is not None]
+    if heads:
+        G = torch.stack([by_head[i].reshape(-1).float() for i in heads])  # (k, B*T*D)
+        gram = G @ G.T  # (k, k)
+        norms = gram.diagonal().sqrt().clamp(min=1e-30)
+        idx = torch.tensor(heads, device=h.device)
+        cos[idx[:, None], idx[None, :]] = gram / (norms[:, None] * norms[None, :])
+    return cos
 
 
 # ---- held-out metrics ---------------------------------------------------------------------

@@ -4,6 +4,10 @@ Run directory layout (OUT):
   checkpoint/       the latest checkpoint (see mtp.checkpoint), saved atomically
   metrics.jsonl     one JSON object per logged step ("train") or evaluation ("eval")
   run.json          the resolved model and training configs
+
+Fine-tuning is the same loop: TrainConfig.init_from starts from a checkpoint's weights and
+tokenizer (heads added or removed by mtp.finetune), freeze="trunk" trains only the extra heads,
+and extra_weight / extra_weight_warmup schedule the extra heads' loss weight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mtp.checkpoint import (has_checkpoint, inspect_checkpoint, load_checkpoint,
 from mtp.config import ModelConfig, TrainConfig
 from mtp.data import build_token_data, check_tokens, eval_batches, sample_batch
 from mtp.errors import MTPError
+from mtp.finetune import apply_freeze, check_freeze, init_model
 from mtp.losses import head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
 from mtp.model import MTPTransformer
 from mtp.parallel import apply_compile, parallelize  # noqa: F401  (apply_compile: public here too)
@@ -50,11 +55,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on matrices only (not norms), over the parameters that train
+    (frozen ones, requires_grad False, are left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def loss_weights_at(step: int, base: list[float], cfg: TrainConfig) -> list[float]:
+    """The heads' loss weights used at `step`: the extra heads' base weights times
+    lambda = extra_weight, ramped linearly from 0 over extra_weight_warmup steps. With a frozen
+    trunk the next-token head's weight is 0: its loss cannot change, so it is not computed."""
+    ramp = min(1.0, step / cfg.extra_weight_warmup) if cfg.extra_weight_warmup else 1.0
+    lam = cfg.extra_weight * ramp
+    weights = [base[0]] + [w * lam for w in base[1:]]
+    if cfg.freeze == "trunk":
+        weights[0] = 0.0
+    return weights
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -164,11 +183,26 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     device, main = dist_info.device, dist_info.is_main
     out = Path(tcfg.out)
     mcfg, state = prepare_run(tcfg, mcfg, resume, overwrite)
+    sharded = tcfg.fsdp and dist_info.world_size > 1
+    if tcfg.freeze != "none" and sharded:
+        raise MTPError("a frozen trunk is not supported with --fsdp: use data parallel (no --fsdp)")
+    init = None
+    if tcfg.init_from is not None and not resume:  # fine-tuning: weights and tokenizer from a checkpoint
+        if tcfg.tokenizer is not None:
+            raise MTPError(f"the tokenizer comes from {tcfg.init_from}: do not give one")
+        torch.manual_seed(tcfg.seed)  # parameters without a pretrained counterpart start from the seed
+        init, init_tok = init_model(tcfg, "cpu")
+        if mcfg is not None and mcfg.to_dict() != init.config.to_dict():
+            raise MTPError(f"the model config given differs from the one fine-tuning {tcfg.init_from} gives: "
+                           "leave it out")
+        mcfg = init.config
     if mcfg is None:
         raise MTPError("no model config given")
-    sharded = tcfg.fsdp and dist_info.world_size > 1
+    check_freeze(mcfg, tcfg.freeze)
     model_state = None
-    if resume and sharded:  # rank 0 reads the weights; they are broadcast once the model is sharded
+    if init is not None:
+        tokenizer = init_tok
+    elif resume and sharded:  # rank 0 reads the weights; they are broadcast once the model is sharded
         _, tokenizer, _ = inspect_checkpoint(out)  # every rank checks the file before any collective
         if main:
             model_state = load_checkpoint(out, "cpu")[0].state_dict()
@@ -184,7 +218,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         raise MTPError(f"the head predicting offset {mcfg.head_offsets[-1]} would never see a target: "
                        f"use a seq_len of at least {mcfg.head_offsets[-1]} (got {tcfg.seq_len})")
 
-    weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
+    base_weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
 
     # data: tokenised once into the cache (rank 0 first, the others then open it)
     if main:
@@ -197,9 +231,13 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     check_tokens(data.val, tcfg.seq_len, "held-out split")
 
     torch.manual_seed(tcfg.seed)
-    if not resume or sharded:
+    if init is not None:
+        model = init.to(device)
+        del init
+    elif not resume or sharded:
         model = MTPTransformer(mcfg).to(device)
     distributed.broadcast_params(model)
+    apply_freeze(model, tcfg.freeze)  # before the optimizer: frozen parameters are left out of it
     # activation checkpointing, FSDP2, compilation: applied from outside the model
     par = parallelize(model, dist_info, tcfg)
     opt = make_optimizer(model, tcfg)
@@ -249,6 +287,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 group["lr"] = lr
             per_head = [0.0] * mcfg.n_future
             total = 0.0
+            weights = loss_weights_at(step, base_weights, tcfg)
+            log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
+            cosine = None  # the heads' gradient cosines, summed over micro-batches (log steps only)
             for micro in range(tcfg.grad_accum):
                 batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
                                      micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
@@ -256,15 +297,20 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                     if tcfg.memory_efficient:
                         res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
                                                 grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
-                                                compile_ce=tcfg.compile, on_backward=on_backward)
+                                                compile_ce=tcfg.compile, on_backward=on_backward,
+                                                grad_cosine=tcfg.log_grad_cosine and log_step)
+                        if res.grad_cosine is not None:
+                            cosine = res.grad_cosine if cosine is None else cosine + res.grad_cosine
                     else:
                         res = naive_loss(model, batch, weights)
                         (res.loss / tcfg.grad_accum).backward()
                 total += float(res.loss) / tcfg.grad_accum
                 per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
+            cos_list = None if cosine is None else (cosine / tcfg.grad_accum).flatten().tolist()
             if dist_info.world_size > 1:  # log the global batch's loss, the same on every rank
-                reduced = distributed.mean_over_ranks([total, *per_head], device)
-                total, per_head = reduced[0], reduced[1:]
+                reduced = distributed.mean_over_ranks([total, *per_head, *(cos_list or [])], device)
+                total, per_head = reduced[0], reduced[1 : 1 + mcfg.n_future]
+                cos_list = reduced[1 + mcfg.n_future:] if cos_list is not None else None
             if not math.isfinite(total):
                 raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
             par.reduce_grads()  # DDP: one all-reduce; FSDP2: reduce-scattered during the last backward
@@ -276,12 +322,18 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             tokens_window += tokens_per_step
             time_window += time.perf_counter() - t_step
             done = step + 1
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
+            if log_step:
                 tok_s = tokens_window / max(time_window, 1e-9)
                 time_window, tokens_window = 0.0, 0
                 last_loss = [x if math.isfinite(x) else None for x in per_head]  # None: a skipped head
-                log({"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
-                     "grad_norm": grad_norm, "tokens_per_s": tok_s, "tokens": done * tokens_per_step})
+                record = {"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
+                          "loss_weights": weights, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+                          "tokens": done * tokens_per_step}
+                if cos_list is not None:  # n x n, null where a head sends no gradient to the trunk
+                    n = mcfg.n_future
+                    record["grad_cosine"] = [[c if math.isfinite(c) else None for c in cos_list[r * n:(r + 1) * n]]
+                                             for r in range(n)]
+                log(record)
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:

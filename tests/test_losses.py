@@ -404,3 +404,113 @@ def test_compiled_cross_entropy_chunk_matches_eager():
     # a different scale reuses the compiled code (scale is a tensor input) and scales the grads
     half = fused_linear_cross_entropy(z, weight, labels, scale=0.05, chunk=16, compile=True)
     torch.testing.assert_close(half[1], eager[1] / 2, rtol=1e-5, atol=1e-6)
+
+
+# ---- frozen parameters (fine-tuning) ----------------------------------------------------------
+def test_fused_linear_cross_entropy_skips_unneeded_grads():
+    g = torch.Generator().manual_seed(1)
+    z, weight = torch.randn(20, 8, generator=g), torch.randn(V, 8, generator=g)
+    labels = torch.randint(0, V, (20,), generator=g)
+    ce, dz, dw = fused_linear_cross_entropy(z, weight, labels, scale=1.0, chunk=6)
+    ce2, dz2, dw2 = fused_linear_cross_entropy(z, weight, labels, scale=1.0, chunk=6, input_grad=False,
+                                               weight_grad=False)
+    assert dz2 is None and dw2 is None and torch.equal(ce, ce2)
+    _, dz3, dw3 = fused_linear_cross_entropy(z, weight, labels, scale=1.0, chunk=6, weight_grad=False)
+    assert dw3 is None and torch.equal(dz3, dz)
+
+
+FROZEN = {
+    "trunk-parallel": (dict(head_type="parallel"), "trunk"),
+    "trunk-causal": (dict(head_type="causal"), "trunk"),
+    "trunk-sequential-tied": (dict(head_type="sequential", tie_embeddings=True), "trunk"),
+    "trunk-linear": (dict(head_type="linear"), "trunk"),
+    "output-only": (dict(head_type="parallel"), ("output.",)),
+    "norm-and-head0": (dict(head_type="causal"), ("norm.", "layers.1.")),
+}
+
+
+@pytest.mark.parametrize("case", list(FROZEN))
+def test_memory_efficient_with_frozen_parameters(case, monkeypatch):
+    """Frozen parameters get no gradient (output.weight's is written by hand: not when frozen),
+    the others the naive reference's; a frozen trunk runs under no_grad."""
+    from mtp.finetune import apply_freeze
+
+    kw, frozen = FROZEN[case]
+    model = make(**kw)
+    if frozen == "trunk":
+        apply_freeze(model, "trunk")
+        weights = [0.0, 1.0, 0.5, 0.25]
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+        weights = [1.0, 1.0, 0.5, 0.25]
+    window = windows(2, 12, seed=9)
+    ref_model = copy.deepcopy(model)
+    naive_loss(ref_model, window, weights).loss.backward()
+    trunk, grad_modes = model.trunk, []
+
+    def spy(*a, **k):
+        grad_modes.append(torch.is_grad_enabled())
+        return trunk(*a, **k)
+
+    monkeypatch.setattr(model, "trunk", spy)
+    got = mtp_loss_backward(model, window, weights, chunk=7)
+    assert grad_modes == [frozen != "trunk"]
+    g, r = grads(model), grads(ref_model)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert g[name] is None and r[name] is None, name
+    assert model.output.weight.grad is None or model.output.weight.requires_grad
+    assert_grads_close(g, r)
+    if frozen == "trunk":
+        assert math.isnan(got.per_head[0])
+    assert_close(got.loss.float(), naive_loss(ref_model, window, weights).loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- gradient interference: cosine of the heads' gradients at the trunk output ------------------
+def naive_grad_cosine(model, window, weights):
+    """Per trunk-reading head c: autograd.grad of the weighted loss of c and the heads behind it
+    with respect to the trunk output, then pairwise cosines (NaN for heads without one)."""
+    x = window[:, :-1]
+    labels = multi_token_targets(window, model.config.head_offsets)
+    h = model.trunk(x)
+    logits = model.logits(torch.stack(model.heads_hidden(h, x), dim=-2))  # (B, T, n, V)
+    n = logits.shape[2]
+    ce = [F.cross_entropy(logits[:, :, i].flatten(0, 1), labels[:, :, i].flatten(), ignore_index=IGNORE)
+          for i in range(n)]
+
+    def root(i):
+        while model.parents[i] != -1:
+            i = model.parents[i]
+        return i
+
+    g = {}
+    for c in range(n):
+        if model.parents[c] == -1:
+            sub = [i for i in range(n) if root(i) == c and weights[i] > 0]
+            if sub:
+                g[c] = torch.autograd.grad(sum(weights[i] * ce[i] for i in sub), h, retain_graph=True)[0].flatten()
+    cos = torch.full((n, n), float("nan"))
+    for a in g:
+        for b in g:
+            cos[a, b] = F.cosine_similarity(g[a], g[b], dim=0)
+    return cos
+
+
+@pytest.mark.parametrize("head_type, weighting", [("parallel", "uniform"), ("parallel", "1,0,0.5,0.25"),
+                                                  ("linear", "main:0.3"), ("causal", "uniform")])
+def test_grad_cosine_matches_autograd_per_head(head_type, weighting):
+    model = make(head_type=head_type)
+    window = windows(2, 12, seed=10)
+    weights = parse_loss_weights(weighting, 4)
+    ref = naive_grad_cosine(copy.deepcopy(model), window, weights)
+    plain = copy.deepcopy(model)
+    got = mtp_loss_backward(model, window, weights, chunk=7, grad_cosine=True)
+    assert got.grad_cosine.shape == (4, 4)
+    assert torch.equal(got.grad_cosine.isnan(), ref.isnan())
+    assert_close(got.grad_cosine.nan_to_num(), ref.nan_to_num(), rtol=1e-4, atol=1e-5)
+    assert (ref.isnan().sum() < 16) and (head_type != "parallel" or not ref[0, 2:].isnan().any())
+    # the flag changes nothing else
+    mtp_loss_backward(plain, window, weights, chunk=7)
+    assert_grads_close(grads(model), grads(plain))
+    assert mtp_loss_backward(plain, window, weights, chunk=7).grad_cosine is None

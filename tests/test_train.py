@@ -254,3 +254,40 @@ def test_plot_labels_follow_offsets(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"model": {"offsets": [1, 2, 4, 128]}}))
     assert _offsets(tmp_path / "run.json", 4) == [1, 2, 4, 128]
     assert _offsets(tmp_path / "missing.json", 3) == [1, 2, 3]
+
+
+def test_loss_weights_schedule_and_frozen_optimizer():
+    base = [1.0, 0.5, 0.25]
+    cfg = TrainConfig(extra_weight=0.6, extra_weight_warmup=3)
+    got = [train_mod.loss_weights_at(s, base, cfg) for s in (0, 1, 3, 50)]
+    assert got[0] == [1.0, 0.0, 0.0]
+    assert got[1] == pytest.approx([1.0, 0.1, 0.05]) and got[2] == got[3] == pytest.approx([1.0, 0.3, 0.15])
+    assert train_mod.loss_weights_at(0, base, TrainConfig()) == base  # no schedule: the weights as given
+    assert train_mod.loss_weights_at(0, base, TrainConfig(freeze="trunk")) == [0.0, 0.5, 0.25]
+    model = MTPTransformer(tiny_model(n_future=3))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("extra_heads.1."))
+    opt = train_mod.make_optimizer(model, TrainConfig())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.extra_heads[1].parameters()}
+
+
+def test_grad_cosine_logged_at_log_steps(corpus, tmp_path):
+    from mtp.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--preset", "tiny", "--n-future", "3", "--dim", "32",
+                 "--n-layers", "4", "--max-seq-len", "64", "--seq-len", "24", "--steps", "4", "--batch-size", "2",
+                 "--grad-accum", "2", "--log-every", "2", "--eval-every", "0", "--eval-batches", "1", "--device",
+                 "cpu", "--no-progress", "--log-grad-cosine", "--loss-weights", "1,0,1"]) == 0
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for r in train_rows:
+        cos = r["grad_cosine"]
+        assert len(cos) == 3 and all(len(row) == 3 for row in cos)
+        assert cos[0][0] == pytest.approx(1.0) and cos[2][2] == pytest.approx(1.0)
+        assert cos[1] == [None, None, None] and -1 < cos[0][2] < 1 and cos[0][2] == pytest.approx(cos[2][0])
+    plain = tmp_path / "plain"
+    train_mod.train(tiny_train(corpus, plain, steps=2), tiny_model(), progress=False)
+    assert all("grad_cosine" not in json.loads(ln) for ln in (plain / "metrics.jsonl").read_text().splitlines())
