@@ -105,6 +105,8 @@ def model_config_from_args(args, vocab_size: int):
 # to TrainConfig's values, except warmup (5% of the steps) and seq_len (the model's context)
 RESUMABLE = ("steps", "batch_size", "grad_accum", "lr", "grad_clip", "weight_decay", "loss_weights", "eval_every",
              "eval_batches", "save_every", "log_every", "seed", "val_fraction", "warmup", "seq_len")
+FINETUNE_FIELDS = ("init_from", "init_n_future", "init_layout", "init_head_type", "freeze", "extra_weight",
+                   "extra_weight_warmup")
 
 
 def _launch_torchrun(args) -> int:
@@ -173,6 +175,9 @@ def cmd_train(args) -> int:
         dtype=args.dtype, compile=args.compile, tokenizer=args.tokenizer, val_fraction=opt["val_fraction"],
         fsdp=args.fsdp, activation_checkpointing=args.activation_checkpointing, log_grad_cosine=args.log_grad_cosine,
     )
+    if args.resume:  # a fine-tuning run (mtp finetune) resumes with its own freeze and head schedule
+        carried = {k: saved_train[k] for k in FINETUNE_FIELDS if k in saved_train}
+        tcfg = dataclasses.replace(tcfg, **carried)
     if args.nproc is not None and args.nproc < 1:
         raise MTPError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:

@@ -192,6 +192,12 @@ def test_finetune_cli_end_to_end(corpus, tmp_path, capsys):
     assert main(["generate", str(h4), "--prompt", "def f", "--max-new-tokens", "6", "--device", "cpu",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stats"]["k"] == 4
+    # `mtp train --resume` continues a heads-only run as heads-only: the next-token path stays put
+    assert main(["train", "--out", str(h4), "--resume", "--steps", "5", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    resumed, _, meta = load_checkpoint(h4)
+    assert meta["train"]["freeze"] == "trunk" and meta["step"] == 5
+    assert torch.equal(resumed(x), src(x))
 
     # n = 4 -> n' = 1 (full fine-tuning of what is left: a plain next-token model)
     assert main(["finetune", str(h4), "--out", str(tmp_path / "one"), "--n-future", "1", "--json", *common]) == 0

@@ -33,8 +33,11 @@ def options_from_args(args):
         extra["seq_len"] = args.seq_len
     if args.max_m is not None:
         extra["max_m"] = args.max_m
+    temperature = args.temperature
+    if temperature is None:  # several samples of one problem only make sense when sampling
+        temperature = 0.0 if args.n_samples == 1 else 0.8
     return EvalOptions(
-        n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+        n_samples=args.n_samples, temperature=temperature, top_p=args.top_p,
         ks=_ks(args.k, args.n_samples), limit=args.limit, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, speculative=args.speculative, timeout=args.timeout, seed=args.seed,
         corpus=args.corpus, data=args.data, compile=args.compile, workers=args.workers, extra=extra,
@@ -75,7 +78,8 @@ def add_parser(sub) -> None:
                         "examples per m (polyarith)")
     p.add_argument("--n-samples", type=int, default=1, help="completions per problem for pass@k")
     p.add_argument("--k", default=None, help="pass@k values, e.g. 1,10 (default: those of 1,10,100 <= n)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (the default with one sample); 0.8 by default with --n-samples > 1")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=384)
