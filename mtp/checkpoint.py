@@ -7,7 +7,8 @@ checkpoint or the new one, never a mixture; `resolve_checkpoint` recovers the pr
 crash fell between the two renames of the swap.
 
 A training run directory holds its latest checkpoint in `checkpoint/`; every command that takes
-a checkpoint accepts the run directory or the checkpoint directory itself.
+a checkpoint accepts the run directory or the checkpoint directory itself, and also a directory
+of Meta's multi-token release (params.json + consolidated.*.pth, read by `mtp.interop.meta`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for cand in (p, p / "checkpoint", p / "checkpoint.old"):
         if (cand / CONFIG).is_file():
             return cand
-    raise MTPError(f"{p} is not a checkpoint (no {CONFIG} in it or in {p / 'checkpoint'})")
+    if _is_meta(p):
+        return p
+    raise MTPError(f"{p} is not a checkpoint (no {CONFIG} in it or in {p / 'checkpoint'}, "
+                   f"and not a Meta release directory with params.json + consolidated.*.pth)")
+
+
+def _is_meta(p: Path) -> bool:
+    """A directory of Meta's release (see mtp.interop.meta), with no mtp config.json in it."""
+    from mtp.interop.meta import is_meta_dir
+
+    return not (p / CONFIG).is_file() and is_meta_dir(p)
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -114,10 +125,17 @@ def _save_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path
 def read_meta(path: str | Path) -> dict:
     """config.json of a checkpoint, validated: keys format_version, model (ModelConfig), train, step."""
     ckpt = resolve_checkpoint(path)
+    if _is_meta(ckpt):
+        from mtp.interop.meta import meta_config
+
+        return {"format_version": None, "model": meta_config(ckpt), "train": None, "step": None, "path": ckpt,
+                "source": "meta"}
     try:
         meta = json.loads((ckpt / CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise MTPError(f"corrupt checkpoint {ckpt}: cannot read {CONFIG}: {e}") from None
+    if isinstance(meta, dict) and "model_type" in meta and "format_version" not in meta:
+        raise MTPError(f"{ckpt} is not a checkpoint but a Hugging Face model: convert it with `mtp convert hf`")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise MTPError(f"corrupt checkpoint {ckpt}: {CONFIG} has no model config")
     meta["model"] = ModelConfig.from_dict(meta["model"])
@@ -133,6 +151,10 @@ def inspect_checkpoint(path: str | Path):
 
     from mtp.tokenizers import load_tokenizer
 
+    if _is_meta(resolve_checkpoint(path)):
+        from mtp.interop.meta import inspect_meta
+
+        return inspect_meta(path)
     meta = read_meta(path)
     ckpt = meta["path"]
     with torch.device("meta"):
@@ -159,12 +181,17 @@ def _build(cfg: ModelConfig, ckpt: Path) -> MTPTransformer:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer, meta) from a run or checkpoint directory."""
+    """Load (model, tokenizer, meta) from a run or checkpoint directory, or from a directory of
+    Meta's release (its weights memory-mapped, in their stored dtype: see mtp.interop.meta)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     from mtp.tokenizers import load_tokenizer
 
+    if _is_meta(resolve_checkpoint(path)):
+        from mtp.interop.meta import load_meta
+
+        return load_meta(path, device)
     meta = read_meta(path)
     ckpt = meta["path"]
     model = _build(meta["model"], ckpt)

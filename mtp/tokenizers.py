@@ -1,8 +1,10 @@
-"""Tokenizers: raw bytes (the default) and byte-level BPE through Hugging Face ``tokenizers``.
+"""Tokenizers: raw bytes (the default), byte-level BPE through Hugging Face ``tokenizers``, and
+SentencePiece models (Llama 2's ``tokenizer.model``, as in Meta's multi-token release; needs the
+``sentencepiece`` package: pip install 'mtp[gguf]').
 
-Both share one small interface, :class:`Tokenizer`:
+All share one small interface, :class:`Tokenizer`:
 
-* ``name`` ("byte" or "bpe"), ``vocab_size`` (every id, specials included) and ``eot_id``, the
+* ``name`` ("byte", "bpe" or "sentencepiece"), ``vocab_size`` (every id, specials included) and ``eot_id``, the
   end-of-text id that separates documents in the token shards and stops generation;
 * ``encode`` / ``encode_batch`` turn text (``str`` or ``bytes``) into ids, adding no specials;
 * ``decode`` turns ids back into text, dropping specials and replacing broken UTF-8;
@@ -29,6 +31,8 @@ from mtp.errors import MTPError
 EOT_TOKEN = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
 BPE_FILE = "tokenizer.json"
+SP_FILE = "tokenizer.model"
+KINDS = ("byte", "bpe", "sentencepiece")
 
 # Tried in order when a tokenizer.json has no <|endoftext|> and no config names its eos token.
 _KNOWN_EOS_TOKENS = ("</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>", "<|eot_id|>")
@@ -211,6 +215,88 @@ class BPETokenizer(Tokenizer):
         return f"{super().fingerprint()}-{digest}"
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (e.g. Llama 2's ``tokenizer.model``), through the ``sentencepiece``
+    package. ``encode`` adds no bos/eos (SentencePiece's dummy-prefix space is kept, as in Llama);
+    control tokens such as ``</s>`` written inside the text are encoded as ordinary text; the
+    end-of-text id is the model's eos (``</s>``)."""
+
+    name = "sentencepiece"
+
+    def __init__(self, processor, eot_id: int | None = None, source: str = "<memory>"):
+        self._sp = processor
+        self.source = source
+        self.vocab_size = int(processor.get_piece_size())
+        if eot_id is None:
+            eot_id = processor.eos_id()
+            if eot_id < 0:
+                eot_id = processor.piece_to_id("</s>")
+                if processor.id_to_piece(eot_id) != "</s>":
+                    raise MTPError(f"{source}: this SentencePiece model has no eos token (</s>)")
+        self.eot_id = int(eot_id)
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise MTPError(f"{source}: end-of-text id {self.eot_id} outside the vocabulary")
+
+    @staticmethod
+    def _module():
+        try:
+            import sentencepiece
+        except ImportError:
+            raise MTPError("SentencePiece tokenizers need the sentencepiece package: pip install 'mtp[gguf]'") from None
+        return sentencepiece
+
+    @classmethod
+    def from_file(cls, path: str | Path, eot_id: int | None = None) -> "SentencePieceTokenizer":
+        """Load a SentencePiece ``tokenizer.model``; MTPError if it is missing or not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise MTPError(f"tokenizer file not found: {path}")
+        spm = cls._module()
+        try:
+            proc = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError for a bad proto
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MTPError(f"cannot load SentencePiece model {path}: {first_line}") from None
+        return cls(proc, eot_id, source=str(path))
+
+    @property
+    def processor(self):
+        """The wrapped ``sentencepiece.SentencePieceProcessor``."""
+        return self._sp
+
+    def model_proto(self) -> bytes:
+        return self._sp.serialized_model_proto()
+
+    def encode(self, text: str | bytes) -> list[int]:
+        return self._sp.encode(_as_text(text))
+
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
+        return self._sp.encode([_as_text(t) for t in texts])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        arr = _int_array(ids)
+        return self._sp.decode(arr[(arr >= 0) & (arr < self.vocab_size)].tolist())
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        path = directory / SP_FILE
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{SP_FILE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.model_proto())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._write_config(directory)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.model_proto()).hexdigest()[:16]
+        return f"{super().fingerprint()}-{digest}"
+
+
 def _find_eot_id(tok, path: Path) -> int:
     """The end-of-text id of a Hugging Face tokenizer loaded from ``path`` (see from_file)."""
     eot = tok.token_to_id(EOT_TOKEN)
@@ -241,15 +327,18 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise MTPError(f"no tokenizer in {directory}: {CONFIG_FILE} is missing") from None
     except (OSError, ValueError) as e:
         raise MTPError(f"corrupt tokenizer config {config_path}: {e}") from None
-    if not isinstance(config, dict) or config.get("type") not in ("byte", "bpe"):
-        raise MTPError(f"corrupt tokenizer config {config_path}: 'type' must be 'byte' or 'bpe'")
+    if not isinstance(config, dict) or config.get("type") not in KINDS:
+        raise MTPError(f"corrupt tokenizer config {config_path}: 'type' must be 'byte', 'bpe' or 'sentencepiece'")
     if config["type"] == "byte":
         tokenizer: Tokenizer = ByteTokenizer()
     else:
         eot_id = config.get("eot_id")
         if not isinstance(eot_id, int):
             raise MTPError(f"corrupt tokenizer config {config_path}: 'eot_id' must be an integer")
-        tokenizer = BPETokenizer.from_file(directory / BPE_FILE, eot_id=eot_id)
+        if config["type"] == "bpe":
+            tokenizer = BPETokenizer.from_file(directory / BPE_FILE, eot_id=eot_id)
+        else:
+            tokenizer = SentencePieceTokenizer.from_file(directory / SP_FILE, eot_id=eot_id)
     for field in ("eot_id", "vocab_size"):
         if field in config and config[field] != getattr(tokenizer, field):
             raise MTPError(
@@ -263,17 +352,22 @@ def get_tokenizer(spec: str | Path | None) -> Tokenizer:
     """The tokenizer named by ``spec``.
 
     ``None`` or ``"byte"``: :class:`ByteTokenizer`; a path to a ``tokenizer.json`` file:
-    :class:`BPETokenizer`; a directory: what :func:`load_tokenizer` reads there (or its
-    ``tokenizer.json`` if it is a plain Hugging Face tokenizer directory).
+    :class:`BPETokenizer`; a SentencePiece ``.model`` file: :class:`SentencePieceTokenizer`; a
+    directory: what :func:`load_tokenizer` reads there (or its ``tokenizer.json`` /
+    ``tokenizer.model`` if it is a plain Hugging Face / Meta tokenizer directory).
     """
     if spec is None or str(spec) == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.is_file():
+        if path.suffix == ".model":
+            return SentencePieceTokenizer.from_file(path)
         return BPETokenizer.from_file(path)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists() and (path / BPE_FILE).is_file():
             return BPETokenizer.from_file(path / BPE_FILE)
+        if not (path / CONFIG_FILE).exists() and (path / SP_FILE).is_file():
+            return SentencePieceTokenizer.from_file(path / SP_FILE)
         return load_tokenizer(path)
     raise MTPError(f"tokenizer not found: {spec} (expected 'byte', a tokenizer.json or a folder)")
 
