@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtp.cli import main
-from mtp.commands.tasks import load_task_data, make_corpus
+from mtp.evals.taskdata import load_task_data, make_corpus
 from mtp.config import ModelConfig
 from mtp.errors import MTPError
 from mtp.evals import EvalOptions, run_task
@@ -160,7 +160,7 @@ def test_story_generator():
         assert 2 <= len(names) <= 3
         assert len({n[0] for n in names}) == len(names)  # different first letters
         for n in names:
-            assert n[0].isupper() and n[1:].islower() and 4 <= len(n) <= 8
+            assert n[0].isupper() and n[1:].islower() and 6 <= len(n) <= 10
             assert n[0] not in ind.RESERVED_INITIALS
             assert len(tok.encode(n)) >= 2
             assert len(ind.name_occurrences(s["text"], [n])) >= 3

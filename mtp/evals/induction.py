@@ -3,8 +3,8 @@
 Stories come from a small seeded grammar: two or three characters are introduced ("Once there was a
 little fox named Zubaleko."), then short sentences make them meet, go places,
 have objects and talk, and a last sentence ends the story. Every character's name is fresh for
-the story: 2-4 consonant-vowel syllables, capitalised ("Zubaleko", "Mira"), so the byte-level
-tokenizer splits it into 4-8 tokens; within a story the names start with different letters, and
+the story: 3-5 consonant-vowel syllables, capitalised ("Zubaleko", "Mirako"), so the byte-level
+tokenizer splits it into 6-10 tokens; within a story the names start with different letters, and
 never with the capital of a grammar word, so once a name's first token is read its remaining
 tokens follow from the earlier occurrence alone. Each name occurs at least three times.
 
@@ -72,8 +72,8 @@ NAME_INITIALS = tuple(c for c in ONSETS if c.upper() not in RESERVED_INITIALS)
 
 
 def random_name(rng: random.Random, initial: str | None = None) -> str:
-    """A made-up name: 2-4 consonant-vowel syllables, capitalised."""
-    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 4))]
+    """A made-up name: 3-5 consonant-vowel syllables, capitalised."""
+    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(3, 5))]
     if initial is not None:
         syllables[0] = initial + syllables[0][1]
     name = "".join(syllables)
@@ -88,7 +88,7 @@ def make_story(rng: random.Random) -> tuple[str, list[str]]:
         sents = [INTRO_FIRST.format(adj=rng.choice(ADJECTIVES), kind=rng.choice(KINDS), A=names[0])]
         for name in names[1:]:
             sents.append(INTRO_MORE.format(kind=rng.choice(KINDS), A=name))
-        for _ in range(rng.randint(3, 4)):
+        for _ in range(rng.randint(6, 9)):  # dense in names: most tokens can be copied
             a, b = rng.sample(names, 2)
             sents.append(rng.choice(SENTENCES).format(
                 A=a, B=b, adj=rng.choice(ADJECTIVES), obj=rng.choice(OBJECTS), place=rng.choice(PLACES),
@@ -114,8 +114,8 @@ def make_documents(n_train: int, seed: int, n_eval: int | None = None, eval_seed
     n_eval = N_EVAL if n_eval is None else n_eval
     train = [s["text"] for s in stories(n_train, seed)]
     held_out = stories(n_eval, eval_seed)
-    settings = {"characters": "2-3", "name_syllables": "2-4", "min_occurrences": 3,
-                "body_sentences": "3-4"}
+    settings = {"characters": "2-3", "name_syllables": "3-5", "min_occurrences": 3,
+                "body_sentences": "6-9"}
     return train, held_out, settings
 
 
@@ -212,7 +212,7 @@ def result_from_counts(counts: dict, n_stories: int) -> dict:
 # ---- the evaluation ---------------------------------------------------------------------------
 def load_stories(opts) -> list[dict]:
     if opts.data:
-        from mtp.commands.tasks import load_task_data
+        from mtp.evals.taskdata import load_task_data
 
         _, records = load_task_data(opts.data, TASK)
         for i, r in enumerate(records):

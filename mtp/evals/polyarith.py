@@ -280,7 +280,7 @@ def score(examples: Sequence[dict], completions: Sequence[str], train_max_m: int
 def load_examples(opts, min_m: int, max_m: int) -> tuple[list[dict], dict]:
     """The held-out examples (at most opts.limit per m in min_m..max_m) and their settings."""
     if opts.data:
-        from mtp.commands.tasks import load_task_data
+        from mtp.evals.taskdata import load_task_data
 
         info, records = load_task_data(opts.data, TASK)
         for i, r in enumerate(records):

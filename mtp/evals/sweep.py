@@ -98,17 +98,12 @@ def parse_variant(spec: str) -> Variant:
 
 def _task_corpus(task: str, data_dir: Path, n_train: int | None, seed: int, progress: bool) -> list[str]:
     """Write the synthetic task's files once; returns the training corpus spec."""
-    import importlib
+    from mtp.evals.taskdata import make_corpus
 
-    module = importlib.import_module(f"mtp.evals.{task}")
-    marker = data_dir / "task.json"
-    if not marker.exists():
+    if not (data_dir / "task.json").exists():
         if progress:
             print(f"[sweep] writing the {task} task's data into {data_dir}", file=sys.stderr)
-        kwargs = {"seed": seed}
-        if n_train is not None:
-            kwargs["n_train"] = n_train
-        module.make_corpus(data_dir, **kwargs)
+        make_corpus(task, data_dir, n_train=n_train, seed=seed, overwrite=True)
     return [str(data_dir / "train.jsonl")]
 
 
