@@ -196,6 +196,8 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
                 print(f"[sweep] {idx}/{total}: {v.label}, seed {seed} -> {run_dir}", file=sys.stderr)
             t0 = time.perf_counter()
             if overwrite or not _finished(run_dir, tcfg.steps):
+                for stale in ("eval.json", "decode.json", "train_seconds.json"):  # from an older model
+                    (run_dir / stale).unlink(missing_ok=True)
                 res = train(tcfg, mcfg, overwrite=True, progress=progress)
                 model, tok = res.model, None
                 train_seconds = time.perf_counter() - t0
