@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from mtp.errors import MTPError
+from mtp.fileio import atomic_write
 
 EOT_TOKEN = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
@@ -40,17 +39,7 @@ _KNOWN_EOS_TOKENS = ("</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>"
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory + rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, [text])
 
 
 def _as_text(text: str | bytes) -> str:
@@ -279,17 +268,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        path = directory / SP_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{SP_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.model_proto())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(directory / SP_FILE, [self.model_proto()], binary=True)
         self._write_config(directory)
 
     def fingerprint(self) -> str:

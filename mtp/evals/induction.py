@@ -172,8 +172,6 @@ def score(tokens, labels, predictions, offsets: Sequence[int]) -> dict:
     tensors; predictions[b, i, t] is head i's argmax at position t, a guess of tokens[b, t + o_i].
     Labels IGNORE mark tokens that are no target (the document start, padding). Returns
     {category: ([right per head], [count per head])}."""
-    import torch
-
     out = {c: ([0] * len(offsets), [0] * len(offsets)) for c in CATEGORY_METRICS}
     for i, o in enumerate(offsets):
         if o >= tokens.shape[1]:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from mtp.config import HEAD_TYPES, ModelConfig, TrainConfig
 from mtp.errors import MTPError
@@ -374,7 +373,7 @@ def _report(summary: dict, out: Path) -> Path:
         xs = list(by_runs[0]["by"])
         metric = sorted({c for r in by_runs for row in r["by"].values() for c in row})
         metric = "accuracy" if "accuracy" in metric else metric[0]
-        lines += ["", f"{metric} by {key}:", "", f"| variant | " + " | ".join(f"{key}={x}" for x in xs) + " |",
+        lines += ["", f"{metric} by {key}:", "", "| variant | " + " | ".join(f"{key}={x}" for x in xs) + " |",
                   "|---" * (len(xs) + 1) + "|"]
         for label, rs in groups.items():
             rs = [r for r in rs if r.get("by")]

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from mtp.errors import MTPError
+from mtp.fileio import atomic_write
 
 TASK_NAMES = ("induction", "polyarith")
 FORMAT_VERSION = 1
@@ -27,24 +26,6 @@ def _task_module(task: str):
     if task not in TASK_NAMES:
         raise MTPError(f"unknown synthetic task {task!r}; choose from {', '.join(TASK_NAMES)}")
     return importlib.import_module(f"mtp.evals.{task}")
-
-
-def _write_atomic(path: Path, lines) -> int:
-    """Write the strings in `lines` to path through a temporary file + rename; returns characters."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    chars = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-                chars += len(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return chars
 
 
 def make_corpus(task: str, out_dir: str | Path, n_train: int | None = None, seed: int = 0,
@@ -72,10 +53,10 @@ def make_corpus(task: str, out_dir: str | Path, n_train: int | None = None, seed
     info = {"task": task, "format_version": FORMAT_VERSION, "n_train": len(train), "n_eval": len(held_out),
             "seed": seed, "eval_seed": mod.EVAL_SEED, "settings": task_settings}
     chars = {
-        "train.jsonl": _write_atomic(out / "train.jsonl", (json.dumps({"text": t}) + "\n" for t in train)),
-        "eval.jsonl": _write_atomic(out / "eval.jsonl", (json.dumps(r) + "\n" for r in held_out)),
+        "train.jsonl": atomic_write(out / "train.jsonl", (json.dumps({"text": t}) + "\n" for t in train)),
+        "eval.jsonl": atomic_write(out / "eval.jsonl", (json.dumps(r) + "\n" for r in held_out)),
     }
-    _write_atomic(out / "task.json", [json.dumps(info, indent=2) + "\n"])
+    atomic_write(out / "task.json", [json.dumps(info, indent=2) + "\n"])
     return {
         **info,
         "out": str(out),

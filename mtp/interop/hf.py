@@ -351,8 +351,9 @@ def _gguf_source(src: Path) -> tuple[Path, str | None]:
     return src, None
 
 
-def load_hf_model(src: str | Path, gguf_file: str | None = None):
-    """A transformers causal LM from a local directory or .gguf file, never from the network."""
+def _from_pretrained(factory: str, what: str, src: str | Path, gguf_file: str | None):
+    """transformers.<factory>.from_pretrained on a local directory or .gguf file, never the network;
+    any failure is one MTPError line naming `what` could not be read."""
     transformers = _transformers()
     src = Path(src)
     if gguf_file is None:
@@ -361,12 +362,17 @@ def load_hf_model(src: str | Path, gguf_file: str | None = None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(src, local_files_only=True, **kwargs).eval()
+        return getattr(transformers, factory).from_pretrained(src, local_files_only=True, **kwargs)
     except MTPError:
         raise
     except Exception as e:  # a corrupt file raises many types (struct.error, OSError...)
-        raise MTPError(f"cannot load a transformers model from {src / (gguf_file or '')}: "
+        raise MTPError(f"cannot read {what} from {src / (gguf_file or '')}: "
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_hf_model(src: str | Path, gguf_file: str | None = None):
+    """A transformers causal LM from a local directory or .gguf file, never from the network."""
+    return _from_pretrained("AutoModelForCausalLM", "a transformers model", src, gguf_file).eval()
 
 
 def _check_hf_source(src: Path, gguf_file: str | None) -> None:
@@ -422,20 +428,7 @@ def load_hf_tokenizer(src: str | Path, gguf_file: str | None = None):
 
 def load_hf_config(src: str | Path, gguf_file: str | None = None):
     """The transformers config of a local model directory or .gguf file (no weights read)."""
-    transformers = _transformers()
-    src = Path(src)
-    if gguf_file is None:
-        src, gguf_file = _gguf_source(src)
-    _check_hf_source(src, gguf_file)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        return transformers.AutoConfig.from_pretrained(src, local_files_only=True, **kwargs)
-    except MTPError:
-        raise
-    except Exception as e:  # a corrupt file raises many types (struct.error, OSError...)
-        raise MTPError(f"cannot read a transformers config from {src / (gguf_file or '')}: "
-                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return _from_pretrained("AutoConfig", "a transformers config", src, gguf_file)
 
 
 def import_hf(src: str | Path, *, tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
