@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import assert_one_line_error, run_cli  # noqa: E402
 from mtp import ModelConfig, MTPError, MTPTransformer  # noqa: E402
 from mtp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from mtp.cli import main  # noqa: E402
 from mtp.interop.hf import (config_from_hf, from_hf_llama, half_to_interleaved, hf_llama_config,  # noqa: E402
                             interleaved_to_half, save_hf_llama, smollm2_gguf_path, to_hf_llama)
 
@@ -122,19 +122,6 @@ def test_greedy_generate_matches(head_type, n_kv_heads):
 
 
 # ---- import: transformers -> mtp -------------------------------------------------------------
-
-
-def run_cli(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2
-    assert err.startswith("mtp: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for n in needles:
-        assert n in err, err
 
 
 def hf_llama(n_kv_heads=2, tie=False, intermediate_size=100, vocab=V, seed=0, **overrides):

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_one_line_error, run_cli
 from mtp import MTPError
 from mtp.checkpoint import inspect_checkpoint, load_checkpoint, read_meta
-from mtp.cli import main
 from mtp.interop import meta as meta_mod
 from mtp.interop.meta import convert_meta, is_meta_dir, load_meta
 
@@ -164,19 +164,6 @@ def write_release(root, sp_proto, params=PARAMS, shards=1, seed=0, tokenizer_in_
 
 def tokens(B=2, T=20, seed=1):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def run_cli(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2
-    assert err.startswith("mtp: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    for n in needles:
-        assert n in err, err
 
 
 # ---- logits ---------------------------------------------------------------------------------
