@@ -151,3 +151,22 @@ def test_sweep_bad_input(capsys, tmp_path):
         code, out, err = run_cli(capsys, *argv)
         assert code == 2, (argv, err)
         assert needle in err and "Traceback" not in err
+
+
+def test_sweep_on_a_synthetic_task(capsys, tmp_path):
+    """The sweep writes the task's files once, trains on train.jsonl, evaluates on eval.jsonl,
+    and reports the breakdown by m with its plot."""
+    out_dir = tmp_path / "poly"
+    code, out, err = run_cli(capsys, "sweep", "--task", "polyarith", "--out", out_dir, "--n", "1,2",
+                             "--n-train", "300", "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+                             "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--eval-every", "0",
+                             "--save-every", "0", "--limit", "2", "--no-progress", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["corpus"] == [str(out_dir / "data" / "train.jsonl")]
+    assert json.loads((out_dir / "data" / "task.json").read_text())["n_train"] == 300
+    for r in res["runs"]:
+        assert set(r["metrics"]) >= {"accuracy", "in_domain", "out_of_domain"}
+        assert r["by_name"] == "m" and len(r["by"]) == 10
+    assert (out_dir / "by_m.png").stat().st_size > 0
+    assert "accuracy by m" in (out_dir / "report.md").read_text()
