@@ -126,7 +126,10 @@ def test_sweep_end_to_end_and_resume(capsys, corpus, tmp_path):
         assert set(r["metrics"]) == {"loss", "bits_per_byte", "top1"}
         assert len(r["heldout_loss"]) == r["n_future"]
         assert (len(r["decode"]["k"]) == r["n_future"] - 1) and all(t >= 1 for t in r["decode"]["tokens_per_forward"])
-    for name in ("report.md", "results.json", "head_losses.png", "metrics.png", "tokens_per_forward.png"):
+    # heads' gradient cosine at the trunk output: logged for n > 1 only, in [-1, 1]
+    assert res["runs"][0]["grad_cosine"] is None and -1 <= res["runs"][1]["grad_cosine"] <= 1
+    for name in ("report.md", "results.json", "head_losses.png", "metrics.png", "tokens_per_forward.png",
+                 "grad_cosine.png"):
         assert (out_dir / name).stat().st_size > 0
     report = (out_dir / "report.md").read_text()
     assert "| n=2, loss nth |" in report and "![metrics](metrics.png)" in report

@@ -136,22 +136,30 @@ def _decode_stats(model, tokenizer, corpus: list[str], val_fraction: float, n: i
     return out
 
 
-def _grad_cosine(metrics_path: Path) -> float | None:
-    """Mean pairwise cosine of the heads' gradients at the trunk output over the second half of
-    training, when the run logged it (TrainConfig.log_grad_cosine)."""
+def _cosine_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
+    """(steps, mean pairwise cosine of the heads' gradients at the trunk output) from a run that
+    logged it (TrainConfig.log_grad_cosine); heads that do not read the trunk are left out."""
     from mtp.plots import read_metrics
 
-    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train" and r.get("grad_cosine") is not None]
-    rows = rows[len(rows) // 2:]
-    vals = []
-    for r in rows:
-        c = np.asarray(r["grad_cosine"], dtype=np.float64)
-        if c.ndim == 2 and c.shape[0] > 1:
-            iu = np.triu_indices(c.shape[0], 1)
-            c = c[iu]
+    steps, vals = [], []
+    for r in read_metrics(metrics_path):
+        if r.get("kind") != "train" or r.get("grad_cosine") is None:
+            continue
+        c = np.asarray([[np.nan if x is None else x for x in row] for row in r["grad_cosine"]], dtype=np.float64)
+        if c.ndim != 2 or c.shape[0] < 2:
+            continue
+        c = c[np.triu_indices(c.shape[0], 1)]
         c = c[np.isfinite(c)]
         if c.size:
+            steps.append(int(r["step"]))
             vals.append(float(c.mean()))
+    return steps, vals
+
+
+def _grad_cosine(metrics_path: Path) -> float | None:
+    """The mean pairwise gradient cosine over the second half of training (None if not logged)."""
+    _, vals = _cosine_curve(metrics_path)
+    vals = vals[len(vals) // 2:]
     return float(np.mean(vals)) if vals else None
 
 
@@ -310,6 +318,25 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
     fig.savefig(out / "tokens_per_forward.png", dpi=110)
     plt.close(fig)
     plots["tokens_per_forward"] = str(out / "tokens_per_forward.png")
+
+    curves = {r["label"]: _cosine_curve(Path(r["run_dir"]) / "metrics.jsonl")
+              for r in summary["runs"] if r["seed"] == first_seed}
+    curves = {k: v for k, v in curves.items() if v[0]}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for j, label in enumerate(labels):
+            if label in curves:
+                ax.plot(*curves[label], color=f"C{j}", lw=1, label=label)
+        ax.axhline(0, color="0.5", lw=0.8, ls=":")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean pairwise cosine")
+        ax.set_title("heads' gradients at the trunk output")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "grad_cosine.png", dpi=110)
+        plt.close(fig)
+        plots["grad_cosine"] = str(out / "grad_cosine.png")
 
     by_runs = [r for r in summary["runs"] if r.get("by")]
     if by_runs:
