@@ -284,7 +284,8 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
                                                 title=f"{summary['task']}: per-head loss (seed {first_seed})"))
     groups = _by_variant(summary)
     labels = list(groups)
-    metric_names = list(summary["runs"][0]["metrics"])
+    metric_names = [m for m in summary["runs"][0]["metrics"]  # counts (all integers) are not plotted
+                    if not all(isinstance(r["metrics"].get(m), int) for r in summary["runs"])]
     fig, axes = plt.subplots(1, len(metric_names), figsize=(4.2 * len(metric_names), 3.6), squeeze=False)
     for ax, m in zip(axes[0], metric_names):
         for j, label in enumerate(labels):
@@ -385,7 +386,11 @@ def _report(summary: dict, out: Path) -> Path:
     for label, rs in groups.items():
         cells = []
         for name in metric_names:
-            mean, std = _mean_std([r["metrics"].get(name) for r in rs])
+            vals = [r["metrics"].get(name) for r in rs]
+            if all(isinstance(v, int) for v in vals):  # counts: the same for every run
+                cells.append(" / ".join(sorted({str(v) for v in vals})))
+                continue
+            mean, std = _mean_std(vals)
             cells.append(f"{_fmt(mean)} ± {std:.4f}" if len(rs) > 1 else _fmt(mean))
         loss, _ = _mean_std([r["heldout_loss"][0] for r in rs])
         tpf = [r["decode"]["tokens_per_forward"][-1] for r in rs if r["decode"]["k"]]
