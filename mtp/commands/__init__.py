@@ -14,10 +14,4 @@ MODULES = ("eval", "sweep", "tasks", "convert", "finetune")
 
 def add_all(sub) -> None:
     for name in MODULES:
-        try:
-            module = importlib.import_module(f"mtp.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"mtp.commands.{name}":
-                raise
-            continue  # not built yet
-        module.add_parser(sub)
+        importlib.import_module(f"mtp.commands.{name}").add_parser(sub)
