@@ -46,7 +46,7 @@ def options_from_args(args):
 
 def cmd_eval(args) -> int:
     from mtp.cli import _emit, _load_for_decoding
-    from mtp.evals import TASKS, format_table, run_task
+    from mtp.evals import TASKS, format_table, json_meta, run_task
 
     if args.task not in TASKS:  # before loading anything
         raise MTPError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
@@ -55,8 +55,7 @@ def cmd_eval(args) -> int:
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise MTPError(f"{args.out} exists: pass --overwrite to replace it")
     model, tok, meta = _load_for_decoding(args)
-    meta = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in meta.items() if k != "path"}
-    result = run_task(args.task, model, tok, opts, meta, progress=not args.json and not args.no_progress)
+    result = run_task(args.task, model, tok, opts, json_meta(meta), progress=not args.json and not args.no_progress)
     result["checkpoint"] = str(args.checkpoint)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

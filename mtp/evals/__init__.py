@@ -83,6 +83,12 @@ def check_vocab(model, tokenizer) -> None:
                        f"{model.config.vocab_size}: they do not belong together")
 
 
+def json_meta(meta: dict) -> dict:
+    """A checkpoint's meta (load_checkpoint) as plain JSON values, for run_task: configs as dicts,
+    the path dropped."""
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in meta.items() if k != "path"}
+
+
 def run_task(task: str, model, tokenizer, opts: EvalOptions | None = None, meta: dict | None = None,
              progress: bool = True) -> dict:
     """Run one task on a model; returns the task's JSON-ready result."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from mtp.config import HEAD_TYPES, ModelConfig, TrainConfig
 from mtp.errors import MTPError
+from mtp.plots import read_metrics
 
 SYNTHETIC = ("induction", "polyarith")
 SWEEP_TASKS = ("loss", *SYNTHETIC, "humaneval", "mbpp")
@@ -136,13 +137,11 @@ def _decode_stats(model, tokenizer, corpus: list[str], val_fraction: float, n: i
     return out
 
 
-def _cosine_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
+def _cosine_curve(rows: list[dict]) -> tuple[list[int], list[float]]:
     """(steps, mean pairwise cosine of the heads' gradients at the trunk output) from a run that
     logged it (TrainConfig.log_grad_cosine); heads that do not read the trunk are left out."""
-    from mtp.plots import read_metrics
-
     steps, vals = [], []
-    for r in read_metrics(metrics_path):
+    for r in rows:
         if r.get("kind") != "train" or r.get("grad_cosine") is None:
             continue
         c = np.asarray([[np.nan if x is None else x for x in row] for row in r["grad_cosine"]], dtype=np.float64)
@@ -156,9 +155,9 @@ def _cosine_curve(metrics_path: Path) -> tuple[list[int], list[float]]:
     return steps, vals
 
 
-def _grad_cosine(metrics_path: Path) -> float | None:
+def _grad_cosine(rows: list[dict]) -> float | None:
     """The mean pairwise gradient cosine over the second half of training (None if not logged)."""
-    _, vals = _cosine_curve(metrics_path)
+    _, vals = _cosine_curve(rows)
     vals = vals[len(vals) // 2:]
     return float(np.mean(vals)) if vals else None
 
@@ -168,7 +167,7 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
               eval_opts=None, overwrite: bool = False, progress: bool = True) -> dict:
     """Train every (variant, seed), evaluate it, and write the report. Returns results.json's content."""
     from mtp.checkpoint import load_checkpoint
-    from mtp.evals import EvalOptions, run_task
+    from mtp.evals import EvalOptions, json_meta, run_task
     from mtp.train import train
 
     if task not in SWEEP_TASKS:
@@ -187,37 +186,33 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
         corpus = ["stdlib"]
     if task == "loss":
         eval_opts.corpus = None  # each run's own held-out split of the sweep corpus
-    has_cosine = "log_grad_cosine" in {f.name for f in dataclasses.fields(TrainConfig)}
-
     runs = []
     total = len(variants) * len(seeds)
-    for vi, v in enumerate(variants):
+    for v in variants:
         for seed in seeds:
             run_dir = out / f"{v.name}_s{seed}"
             idx = len(runs) + 1
             mcfg = dataclasses.replace(base, n_future=v.n_future, offsets=v.offsets, head_type=v.head_type)
             mcfg = ModelConfig.from_dict(mcfg.to_dict())  # validate the combination
             tcfg = TrainConfig(corpus=list(corpus), out=str(run_dir), seed=seed, loss_weights=v.loss_weights,
-                               **train_args, **({"log_grad_cosine": v.n_future > 1} if has_cosine else {}))
+                               log_grad_cosine=v.n_future > 1, **train_args)
             if progress:
                 print(f"[sweep] {idx}/{total}: {v.label}, seed {seed} -> {run_dir}", file=sys.stderr)
             t0 = time.perf_counter()
             if overwrite or not _finished(run_dir, tcfg.steps):
                 for stale in ("eval.json", "decode.json", "train_seconds.json"):  # from an older model
                     (run_dir / stale).unlink(missing_ok=True)
-                res = train(tcfg, mcfg, overwrite=True, progress=progress)
-                model, tok = res.model, None
+                train(tcfg, mcfg, overwrite=True, progress=progress)
                 train_seconds = time.perf_counter() - t0
                 (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": train_seconds}) + "\n")
             else:
-                model = None
                 try:
                     train_seconds = json.loads((run_dir / "train_seconds.json").read_text())["seconds"]
                 except (OSError, ValueError, KeyError):
                     train_seconds = None
-            loaded, tok, meta = load_checkpoint(run_dir, "cpu")
-            model = loaded.eval()
-            meta = {k: (val.to_dict() if hasattr(val, "to_dict") else val) for k, val in meta.items() if k != "path"}
+            model, tok, meta = load_checkpoint(run_dir, "cpu")
+            model.eval()
+            meta = json_meta(meta)
             eval_path = run_dir / "eval.json"
             if eval_path.exists() and not overwrite:
                 result = json.loads(eval_path.read_text())
@@ -230,14 +225,15 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
             else:
                 decode = _decode_stats(model, tok, list(corpus), tcfg.val_fraction, v.n_future, seed)
                 decode_path.write_text(json.dumps(decode, indent=2) + "\n")
-            final = [r for r in _read(run_dir / "metrics.jsonl") if r.get("kind") == "eval"][-1]
+            logged = read_metrics(run_dir / "metrics.jsonl")
+            final = [r for r in logged if r.get("kind") == "eval"][-1]
             runs.append({
                 "variant": v.name, "label": v.label, "n_future": v.n_future, "loss_weights": v.loss_weights,
                 "offsets": mcfg.head_offsets, "head_type": v.head_type, "seed": seed,
                 "params": sum(p.numel() for p in model.parameters()), "run_dir": str(run_dir),
                 "metrics": result["metrics"], "by": result.get("by"), "by_name": result.get("by_name"),
                 "heldout_loss": final["loss"], "heldout_top1": final["acc"],
-                "decode": decode, "grad_cosine": _grad_cosine(run_dir / "metrics.jsonl"),
+                "decode": decode, "grad_cosine": _grad_cosine(logged),
                 "train_seconds": train_seconds,
             })
     summary = {"task": task, "corpus": corpus, "model": base.to_dict(), "train": train_args,
@@ -249,10 +245,13 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
     return summary
 
 
-def _read(path: Path) -> list[dict]:
-    from mtp.plots import read_metrics
-
-    return read_metrics(path)
+def _breakdown(runs: list[dict]) -> tuple[list[dict], str, str]:
+    """(runs with a breakdown, its key e.g. "m", the metric shown: accuracy when there is one)."""
+    by_runs = [r for r in runs if r.get("by")]
+    if not by_runs:
+        return [], "", ""
+    metrics = sorted({c for r in by_runs for row in r["by"].values() for c in row})
+    return by_runs, by_runs[0].get("by_name") or "group", "accuracy" if "accuracy" in metrics else metrics[0]
 
 
 def _by_variant(summary: dict) -> dict[str, list[dict]]:
@@ -297,10 +296,7 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
         ax.set_title(m)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{summary['task']}: metrics by variant (dots: seeds, diamonds: mean ± std)")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
-    plt.close(fig)
-    plots["metrics"] = str(out / "metrics.png")
+    plots["metrics"] = _save(fig, out / "metrics.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for j, label in enumerate(labels):
@@ -315,12 +311,9 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
     ax.set_ylabel("tokens per forward (greedy)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_forward.png", dpi=110)
-    plt.close(fig)
-    plots["tokens_per_forward"] = str(out / "tokens_per_forward.png")
+    plots["tokens_per_forward"] = _save(fig, out / "tokens_per_forward.png")
 
-    curves = {r["label"]: _cosine_curve(Path(r["run_dir"]) / "metrics.jsonl")
+    curves = {r["label"]: _cosine_curve(read_metrics(Path(r["run_dir"]) / "metrics.jsonl"))
               for r in summary["runs"] if r["seed"] == first_seed}
     curves = {k: v for k, v in curves.items() if v[0]}
     if curves:
@@ -334,16 +327,10 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
         ax.set_title("heads' gradients at the trunk output")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "grad_cosine.png", dpi=110)
-        plt.close(fig)
-        plots["grad_cosine"] = str(out / "grad_cosine.png")
+        plots["grad_cosine"] = _save(fig, out / "grad_cosine.png")
 
-    by_runs = [r for r in summary["runs"] if r.get("by")]
+    by_runs, key, metric = _breakdown(summary["runs"])
     if by_runs:
-        key = by_runs[0].get("by_name") or "group"
-        metric = sorted({c for r in by_runs for row in r["by"].values() for c in row})
-        metric = "accuracy" if "accuracy" in metric else metric[0]
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for j, label in enumerate(labels):
             rs = [r for r in groups[label] if r.get("by")]
@@ -357,11 +344,17 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"{summary['task']}: {metric} by {key} (mean over seeds)")
-        fig.tight_layout()
-        fig.savefig(out / f"by_{key}.png", dpi=110)
-        plt.close(fig)
-        plots["by"] = str(out / f"by_{key}.png")
+        plots["by"] = _save(fig, out / f"by_{key}.png")
     return plots
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _fmt(v) -> str:
@@ -399,12 +392,9 @@ def _report(summary: dict, out: Path) -> Path:
         lines.append(f"| {label} | {rs[0]['params'] / 1e6:.2f}M | " + " | ".join(cells)
                      + f" | {_fmt(loss)} | {_fmt(float(np.mean(tpf))) if tpf else '–'}"
                      + f" | {_fmt(float(np.mean(cos))) if cos else '–'} | {f'{np.mean(secs):.0f}' if secs else '–'} |")
-    by_runs = [r for r in summary["runs"] if r.get("by")]
+    by_runs, key, metric = _breakdown(summary["runs"])
     if by_runs:
-        key = by_runs[0].get("by_name") or "group"
         xs = list(by_runs[0]["by"])
-        metric = sorted({c for r in by_runs for row in r["by"].values() for c in row})
-        metric = "accuracy" if "accuracy" in metric else metric[0]
         lines += ["", f"{metric} by {key}:", "", "| variant | " + " | ".join(f"{key}={x}" for x in xs) + " |",
                   "|---" * (len(xs) + 1) + "|"]
         for label, rs in groups.items():
