@@ -32,6 +32,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
+from mtp.stacked import StackedHeads, stackable
 
 
 @dataclass
@@ -46,6 +47,7 @@ class GenerationConfig:
     stop: Sequence[str] = ()  # stop a row when its text contains one (cut from the text)
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
     kv_bucket: int = 128  # attention reads the cache up to a multiple of this (static shapes)
+    stack_heads: bool = True  # parallel heads run as one batched block (a copy of their weights)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -155,10 +157,17 @@ class _Decoder:
         p = model.output.weight
         self.device = p.device
         self.max_len = max_len
-        self.cache = ModelCache(model, batch, max_len, device=p.device, dtype=p.dtype)
         self.sequential = model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead)
         needed = {0} if self.sequential else {h for j in range(k) for h in model._path_to(j, model.parents)}
         self.run_order = [i for i in model.head_order if i in needed]
+        # parallel heads 0..k-1 all read the trunk: one batched block instead of k (mtp.stacked)
+        heads = [model.head_module(i) for i in range(k)]
+        self.stacked = None
+        if cfg.stack_heads and all(model.parents[i] == TRUNK for i in range(k)) and stackable(heads):
+            self.stacked = StackedHeads(heads)
+            self.run_order = []
+        self.cache = ModelCache(model, batch, max_len, device=p.device, dtype=p.dtype,
+                                stacked=range(k) if self.stacked is not None else ())
         # the next-token head's outputs by position: sequential heads read them one step later
         self.h0 = (torch.zeros(batch, max_len, model.config.dim, device=p.device, dtype=p.dtype)
                    if self.sequential and k > 1 else None)
@@ -171,7 +180,8 @@ class _Decoder:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
             mode = "reduce-overhead" if p.device.type == "cuda" else None
             # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
-            for t in [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else []):
+            static = [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else [])
+            for t in static + (list(self.stacked.buffers()) if self.stacked is not None else []):
                 torch._dynamo.mark_static_address(t)
             self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
             self.greedy_fn = torch.compile(self._greedy_step, mode=mode, dynamic=False)
@@ -180,6 +190,8 @@ class _Decoder:
     def reset(self, cfg: GenerationConfig) -> "_Decoder":
         """Start a generate() call: its settings and its random generator."""
         self.cfg, self.generator = cfg, None
+        if self.stacked is not None:
+            self.stacked.refresh()  # the weights may have changed since this decoder was built
         if not cfg.greedy:
             self.generator = torch.Generator(device=self.device)
             # without a seed, draw one from torch's global generator (so torch.manual_seed applies)
@@ -196,15 +208,18 @@ class _Decoder:
     # one forward pass of the trunk and the heads the step needs, over tokens (B, T) at positions (B, T)
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
         model, cache = self.model, self.cache
-        cache.at(positions, kv_len)
+        step = cache.at(positions, kv_len)
         outs = {TRUNK: model.trunk(tokens, cache)}
+        if self.stacked is not None:
+            return self.stacked.verify(outs[TRUNK], cache.stacked, step)  # the drafters run in parallel_drafts
         for i in self.run_order:
             outs[i] = model.run_head(i, outs[model.parents[i]], cache=cache)
         if self.h0 is not None:
             idx = positions[:, :, None].expand(-1, -1, outs[0].shape[-1])
             self.h0.scatter_(1, idx, outs[0])
-        extra = [] if self.sequential else [outs[i] for i in range(1, self.k)]
-        return outs[0], extra  # the next-token head's hidden (B, T, D), k - 1 x (B, T, D)
+        extra = None if self.sequential or self.k == 1 else torch.stack([outs[i] for i in range(1, self.k)])
+        # the next-token head's hidden (B, T, D); what parallel_drafts reads: the other heads' (k - 1, B, T, D)
+        return outs[0], extra
 
     def _greedy_step(self, fed: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """A whole greedy step of parallel-type heads in one function (one graph when compiled):
@@ -222,11 +237,15 @@ class _Decoder:
         probs = process_logits(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
         return sample(probs, self.generator), probs
 
-    def parallel_drafts(self, extra: list[torch.Tensor], idx: torch.Tensor):
-        """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals."""
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        picks = [self.choose(self.model.logits(h[rows, idx])) for h in extra]
-        return self._stack(picks)
+    def parallel_drafts(self, extra, idx: torch.Tensor):
+        """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals.
+        extra is what _forward returned for them: their outputs, or (stacked) their state."""
+        if self.stacked is not None:
+            hidden = self.stacked.draft(extra, idx)
+        else:
+            hidden = extra[:, torch.arange(idx.shape[0], device=idx.device), idx]
+        tokens, probs = self.choose(self.model.logits(hidden))  # (k-1, B), (k-1, B, V)
+        return tokens.T, (None if probs is None else probs.transpose(0, 1))
 
     def _sequential_drafts(self, seq: torch.Tensor, last: torch.Tensor, window: int, kv_len: int):
         """Sequential heads draft depth by depth at position `last` (B,), the last position the
@@ -257,7 +276,7 @@ def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: G
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
     p = model.output.weight
-    key = (k, batch, max_len, p.dtype, p.device)
+    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads)
     # kept on the model, per shape, so that later calls reuse the compiled graphs (and on CUDA
     # the captured graphs, which point at the decoder's own cache buffers)
     per_model = model.__dict__.setdefault("_compiled_decoders", {})

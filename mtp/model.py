@@ -17,6 +17,7 @@ and reads its input from `parents[i]`: -1 is the trunk's output, otherwise anoth
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -67,6 +68,15 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    @classmethod
+    def rows_of(cls, other: "KVCache", start: int, batch: int) -> "KVCache":
+        """A cache whose buffers are rows start..start+batch-1 of another's (shared storage)."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache.register_buffer("k", other.k[start : start + batch], persistent=False)
+        cache.register_buffer("v", other.v[start : start + batch], persistent=False)
+        return cache
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v (B, Hkv, T, hd) at positions (B, T); return the first kv_len positions."""
@@ -341,9 +351,13 @@ class MTPTransformer(nn.Module):
 class ModelCache(nn.Module):
     """Static KV caches for every attention block of a model (trunk blocks and heads), for a
     batch of B rows and positions 0..max_len-1, with rotary tables of that length (drafts may
-    sit a few positions past the model's context; they are never accepted there)."""
+    sit a few positions past the model's context; they are never accepted there).
 
-    def __init__(self, model: MTPTransformer, batch: int, max_len: int, device=None, dtype=None):
+    The heads listed in `stacked` (run together by mtp.stacked.StackedHeads) share one cache of
+    len(stacked) * batch rows, `self.stacked`; their entries in `self.heads` are views of it."""
+
+    def __init__(self, model: MTPTransformer, batch: int, max_len: int, device=None, dtype=None,
+                 stacked: Sequence[int] = ()):
         super().__init__()
         cfg = model.config
         device = device if device is not None else model.output.weight.device
@@ -354,8 +368,14 @@ class ModelCache(nn.Module):
 
         self.batch, self.max_len = batch, max_len
         self.trunk = nn.ModuleList(kv() for _ in model.trunk_blocks)
-        heads = [model.head_module(i) for i in range(cfg.n_future)]
-        self.heads = nn.ModuleList(kv() if isinstance(m, TransformerBlock) else nn.Identity() for m in heads)
+        self.stacked = KVCache(len(stacked) * batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype) if stacked else None
+        heads = []
+        for i in range(cfg.n_future):
+            if i in stacked:
+                heads.append(KVCache.rows_of(self.stacked, list(stacked).index(i) * batch, batch))
+            else:
+                heads.append(kv() if isinstance(model.head_module(i), TransformerBlock) else nn.Identity())
+        self.heads = nn.ModuleList(heads)
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)

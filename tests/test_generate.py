@@ -336,10 +336,11 @@ def test_sampling_is_reproducible_with_a_seed():
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
-def test_compiled_decoding_equals_eager():
+@pytest.mark.parametrize("head_type", ["causal", "parallel"])  # parallel: the stacked heads compiled
+def test_compiled_decoding_equals_eager(head_type):
     """torch.compile'd decode steps (CUDA graphs on GPU) give the same tokens, and a second call
     reuses the compiled decoder."""
-    model = trained("causal")
+    model = trained(head_type)
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
     for _ in range(2):

@@ -1,0 +1,125 @@
+"""Parallel heads run as one batched block when decoding.
+
+Self-speculative decoding runs heads 1..k on every verify step as well as the next-token head.
+With `parallel` heads all of them read the trunk's output and have the same shape, so instead of
+k transformer blocks one after the other (k times the kernels, k times the Python dispatch: on a
+CPU and on a small model that is most of a step's cost) they run as one block whose matrix
+products are batched over the heads (`torch.bmm` on weights stacked along a new first axis).
+
+Each head computes exactly what its own block computes: the same normalisation, the same
+products row by row, the same attention over its own cache (tests/test_stacked.py compares them
+bit for bit on CPU). The price is one copy of the heads' weights, made when a decoder is built and
+refreshed when the model's weights change (in-place updates bump a parameter's version).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtp.model import CacheStep, KVCache, TransformerBlock, apply_rope
+
+
+def stackable(blocks: list[nn.Module]) -> bool:
+    """Whether these head modules can run as one batched block: plain transformer blocks (not
+    sequential heads, not linear maps) of one shape."""
+    return len(blocks) > 1 and all(type(b) is TransformerBlock for b in blocks)
+
+
+class StackedHeads(nn.Module):
+    """H transformer blocks that read the same input, run at once: (B, T, D) -> (H, B, T, D).
+
+    Decoding only (a KV cache is required); the weights are buffers copied from the blocks, not
+    parameters: nothing here is trained."""
+
+    # the stacked buffers and, for each, the parameters of one block that fill it (concatenated
+    # along the output dimension where several are one product)
+    _LAYOUT = {
+        "attention_norm": ("attention_norm.weight",),
+        "ffn_norm": ("ffn_norm.weight",),
+        "wqkv": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+        "wo": ("attention.wo.weight",),
+        "w13": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+        "w2": ("feed_forward.w2.weight",),
+    }
+
+    def __init__(self, blocks: list[TransformerBlock]):
+        super().__init__()
+        if not stackable(blocks):
+            raise ValueError("StackedHeads needs two or more plain transformer blocks")
+        attn = blocks[0].attention
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.eps = blocks[0].attention_norm.eps
+        self.ffn_hidden = blocks[0].feed_forward.w1.weight.shape[0]
+        self._blocks = list(blocks)  # a plain list: the blocks stay registered on their model only
+        self._key = None
+        for name in self._LAYOUT:
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    def _source_key(self):
+        return tuple((p.data_ptr(), p._version) for b in self._blocks for p in b.parameters())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the blocks' weights in if they changed since the last copy. The buffers keep their
+        storage (a captured CUDA graph reads them by address)."""
+        key = self._source_key()
+        if key == self._key:
+            return
+        for name, sources in self._LAYOUT.items():
+            params = [dict(b.named_parameters()) for b in self._blocks]
+            stacked = torch.stack([torch.cat([p[s] for s in sources], 0) for p in params])
+            buf = getattr(self, name)
+            if buf.shape == stacked.shape and buf.dtype == stacked.dtype and buf.device == stacked.device:
+                buf.copy_(stacked)
+            else:
+                setattr(self, name, stacked)
+        self._key = key
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as mtp.model.RMSNorm computes it; weight is shaped to broadcast over x."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * weight
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (rows, nh, T, hd)
+        return y.transpose(1, 2)  # (rows, T, nh, hd)
+
+    def _ffn(self, h: torch.Tensor, heads: slice) -> torch.Tensor:
+        """The feed-forward half of heads `heads` on their residual streams h (H', M, D)."""
+        gate, up = torch.bmm(self._norm(h, self.ffn_norm[heads, None]), self.w13[heads].transpose(1, 2)).split(
+            self.ffn_hidden, dim=-1)
+        return h + torch.bmm(F.silu(gate) * up, self.w2[heads].transpose(1, 2))
+
+    def verify(self, x: torch.Tensor, kv: KVCache, step: CacheStep):
+        """x (B, T, D), the trunk's output at step.positions. kv: the heads' caches as one cache of
+        H * B rows (head h's rows are h * B .. h * B + B - 1).
+
+        Writes every head's keys and values at every position, and runs head 0 (the next-token
+        head) in full -> (its output (B, T, D), the state `draft` needs). The other heads' outputs
+        are only ever read at one position per row, so they are computed there only (`draft`)."""
+        H, (B, T, D) = self.attention_norm.shape[0], x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        a = self._norm(x, self.attention_norm[:, None, None]).view(H, B * T, D)  # x normalised once
+        qkv = torch.bmm(a, self.wqkv.transpose(1, 2)).view(H, B, T, nh + 2 * nkv, hd)
+        qk, v = qkv.split([nh + nkv, nkv], dim=3)
+        q, k = apply_rope(qk, step.cos, step.sin).split([nh, nkv], dim=3)  # (H, B, T, heads, hd)
+        k, v = (t.reshape(H * B, T, nkv, hd).transpose(1, 2) for t in (k, v))
+        k, v = kv.update(step.positions.repeat(H, 1), k, v, step.kv_len)  # (HB, nkv, kv_len, hd)
+        y = self._attend(q[0].transpose(1, 2), k[:B], v[:B], step.mask).reshape(1, B * T, nh * hd)
+        h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo[:1].transpose(1, 2))
+        h0 = self._ffn(h0, slice(0, 1)).view(B, T, D)
+        return h0, (x, q[1:], k[B:], v[B:], step.mask)
+
+    def draft(self, state, idx: torch.Tensor) -> torch.Tensor:
+        """Heads 1..H-1 at index idx (B,) of the verified positions -> their outputs (H - 1, B, D)."""
+        x, q, k, v, mask = state
+        G, B = q.shape[0], x.shape[0]
+        rows = torch.arange(B, device=idx.device)
+        q = q[:, rows, idx].reshape(G * B, 1, -1, self.head_dim).transpose(1, 2)  # (GB, nh, 1, hd)
+        mask = mask[rows, :, idx][:, :, None].repeat(G, 1, 1, 1)  # (GB, 1, 1, kv_len)
+        y = self._attend(q, k, v, mask).reshape(G, B, -1)
+        h = x[rows, idx][None] + torch.bmm(y, self.wo[1:].transpose(1, 2))  # (G, B, D)
+        return self._ffn(h, slice(1, None))
