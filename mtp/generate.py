@@ -23,6 +23,7 @@ positions, rewriting the cache entries that depended on drafts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
+from mtp.packed import packed_linears, worth_packing
 from mtp.stacked import StackedHeads, stackable
 
 
@@ -48,6 +50,9 @@ class GenerationConfig:
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
     kv_bucket: int = 128  # attention reads the cache up to a multiple of this (static shapes)
     stack_heads: bool = True  # parallel heads run as one batched block (a copy of their weights)
+    # CPU, eager: linear layers compute with prepacked oneDNN weights (mtp.packed); None: when the
+    # model is big enough for it to pay (mtp.packed.worth_packing)
+    pack_weights: bool | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -316,8 +321,12 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     lens, budgets = _prepare_prompts(model, prompts, cfg)
     was_training = model.training
     model.eval()
+    # compiled steps are left to the compiler (inductor packs weights itself when freezing)
+    pack = cfg.pack_weights if cfg.pack_weights is not None else worth_packing(model)
+    packing = packed_linears(model) if pack and not cfg.compile else contextlib.nullcontext()
     try:
-        return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step)
+        with packing:
+            return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step)
     finally:
         model.train(was_training)
 

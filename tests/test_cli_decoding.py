@@ -95,6 +95,7 @@ def test_bench_json(capsys, ckpt):
         assert r["identical"] is True
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["greedy_tok_s"])
         assert len(r["acceptance_by_head"]) == r["k"] - 1 and r["tokens_per_forward"] >= 1
+        assert r["step_cost"] > 0
     assert report["n_prompts"] == 3 and report["prompt_tokens_mean"] == 24
 
 

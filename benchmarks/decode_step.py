@@ -1,0 +1,83 @@
+"""What one decode step costs: a plain greedy step against a speculative step with k heads, with
+the heads run as one batched block (`stack_heads`, the default) or each as its own block, and
+with the linear layers' weights as they are or prepacked for the CPU (`pack_weights`, mtp.packed).
+
+A speculative step pays off only when it yields more tokens than it costs greedy steps, so the
+`x greedy` column is the tokens per forward a model's heads must reach for a speedup at that k.
+Each step is the fused greedy step of `mtp.generate` (forward, acceptance, next drafts) at fixed
+positions, timed in a loop; the settings take turns and each figure is the best of the rounds.
+
+    python benchmarks/decode_step.py runs/demo/n4 --batch-sizes 1,4 --threads 1
+    python benchmarks/decode_step.py runs/smollm2/heads --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+from mtp.checkpoint import load_checkpoint
+from mtp.generate import GenerationConfig, _Decoder, usable_heads
+from mtp.packed import applies, packed_linears
+
+
+def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int = 100, rounds: int = 7,
+               packed: bool = False) -> dict:
+    """{(k, stacked): seconds per step}; k = 1 is the plain greedy step."""
+    settings = [(1, True)] + [(k, s) for k in ks for s in (True, False)]
+    runs = {}
+    for k, stacked in settings:
+        cfg = GenerationConfig(speculative=k, stack_heads=stacked)
+        dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
+        fed = torch.randint(0, model.config.vocab_size, (batch, k))
+        positions = position + torch.arange(k).expand(batch, -1)
+        runs[(k, stacked)] = (dec, fed, positions)
+    best = {}
+    with torch.no_grad(), (packed_linears(model) if packed else contextlib.nullcontext()):
+        for _ in range(rounds):
+            for key, (dec, fed, positions) in runs.items():
+                kv_len = dec.kv_len(position + key[0])
+                for _ in range(2):
+                    dec.greedy_fn(fed, positions, kv_len)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    dec.greedy_fn(fed, positions, kv_len)
+                best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) / steps)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--batch-sizes", default="1")
+    ap.add_argument("--k", default=None, help="e.g. 2,4 (default: 2..all usable heads)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--position", type=int, default=100, help="where in the context the steps sit")
+    ap.add_argument("--steps", type=int, default=100, help="steps per timing")
+    ap.add_argument("--rounds", type=int, default=7, help="timings per setting; the fastest is reported")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _, _ = load_checkpoint(args.checkpoint)
+    model.eval()
+    ks = [int(k) for k in args.k.split(",")] if args.k else list(range(2, usable_heads(model) + 1))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
+          f"position {args.position}; x greedy: over the greedy step with the same weights")
+    print("| batch | weights | k | heads | ms per step | x greedy |")
+    print("|---|---|---|---|---|---|")
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        for packed in (False, True) if applies(model) else (False,):
+            costs = step_costs(model, b, ks, args.position, args.steps, args.rounds, packed)
+            greedy, weights = costs[(1, True)], "packed" if packed else "as stored"
+            print(f"| {b} | {weights} | 1 | - | {greedy * 1e3:.3f} | 1.00 |")
+            for (k, stacked), sec in costs.items():
+                if k > 1:
+                    print(f"| {b} | {weights} | {k} | {'stacked' if stacked else 'own blocks'} | {sec * 1e3:.3f} "
+                          f"| {sec / greedy:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""CPU decoding with prepacked linear weights (oneDNN).
+
+On a CPU, `F.linear` on a few rows re-packs the whole weight matrix into the GEMM kernel's
+blocked layout on every call (one row takes a matrix-vector path that does not). A model whose
+weights do not fit in cache is bound by memory traffic when decoding, so a 2-token forward pass
+then costs about twice a 1-token one, and speculative decoding, which verifies k tokens per pass,
+cannot pay off. Packing every weight once, into oneDNN's layout, removes that: the products then
+cost nearly the same for 1 to 8 rows, and the 1-row product is faster too
+(benchmarks/decode_step.py measures it; docs/benchmarks.md has the figures).
+
+Packing pays where decoding is bound by reading the weights; where they fit in the CPU's cache
+(the quickstart's 2.8M-parameter model), oneDNN's higher cost per call makes it slower. So by
+default (`worth_packing`) only models with at least 64 MiB of linear weights are packed.
+
+`packed_linears(model)` is a context in which the model's `nn.Linear` layers compute with packed
+copies of their weights. The copies are kept on the model between calls (one more copy of the
+linear weights in memory) and re-made when a weight changes (in-place updates bump its version);
+`release(model)` drops them. Results equal `F.linear`'s up to float rounding (another kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+_ATTR = "_mtp_packed_linears"
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's packed linear ops."""
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight") and hasattr(
+        ops, "_linear_pointwise")
+
+
+def applies(model: nn.Module) -> bool:
+    """Packing applies to models on the CPU in float32 or bfloat16, on builds that have oneDNN."""
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype in DTYPES and available()
+
+
+MIN_BYTES = 64 * 2**20
+
+
+def worth_packing(model: nn.Module) -> bool:
+    """Packing applies and the linear weights are too big to stay in cache (>= MIN_BYTES)."""
+    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+    return applies(model) and size >= MIN_BYTES
+
+
+def _key(w: torch.Tensor):
+    # the same Parameter object (not one that took its place), its storage, its in-place updates
+    return id(w), w.data_ptr(), w._version, w.dtype, tuple(w.shape)
+
+
+def _forward(packed: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module) -> Iterator[int]:
+    """Within the block, every nn.Linear of `model` computes with a packed copy of its weight.
+    Yields how many layers were packed (0 where packing does not apply)."""
+    if not applies(model):
+        yield 0
+        return
+    cache: dict[str, tuple] = model.__dict__.setdefault(_ATTR, {})
+    swapped = []
+    try:
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                if type(mod) is not nn.Linear or "forward" in mod.__dict__:
+                    continue
+                key = _key(mod.weight)
+                if name not in cache or cache[name][0] != key or cache[name][1] is not mod.weight:
+                    cache[name] = (key, mod.weight, torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), None))
+                bias = None if mod.bias is None else mod.bias.detach()
+                mod.forward = _forward(cache[name][2], bias)  # an instance attribute shadows the method
+                swapped.append(mod)
+        yield len(swapped)
+    finally:
+        for mod in swapped:
+            del mod.forward
+
+
+def release(model: nn.Module) -> None:
+    """Drop the packed copies kept on the model."""
+    model.__dict__.pop(_ATTR, None)

@@ -1,0 +1,85 @@
+"""Prepacked linear weights for CPU decoding (mtp.packed) compute what F.linear computes, follow
+weight changes, leave the model as it was, and decode the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mtp import packed
+from mtp.config import ModelConfig
+from mtp.generate import GenerationConfig, generate
+from mtp.model import MTPTransformer
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this torch build has no oneDNN")
+
+
+def model_for(head_type="parallel", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=24, dim=32, n_layers=5, n_heads=4, n_kv_heads=2, max_seq_len=64, multiple_of=16,
+                      n_future=3, head_type=head_type, init_std=0.2)
+    return MTPTransformer(cfg).eval()
+
+
+@torch.no_grad()
+def test_packed_layers_compute_what_linear_computes():
+    model = model_for()
+    x = torch.randint(0, 24, (3, 11))
+    ref = model(x, return_all_heads=True)
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    with packed.packed_linears(model) as n:
+        assert n == n_linear
+        assert all("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+        got = model(x, return_all_heads=True)
+        lin = nn.Linear(32, 7, bias=True)  # a bias and a non-contiguous input go through too
+        with packed.packed_linears(lin):
+            xt = torch.randn(5, 2, 32).transpose(0, 1)
+            torch.testing.assert_close(lin(xt), xt @ lin.weight.T + lin.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is as it was
+    assert torch.equal(model(x, return_all_heads=True), ref)
+
+
+@torch.no_grad()
+def test_packed_copies_follow_weight_changes():
+    model = model_for()
+    x = torch.randint(0, 24, (2, 9))
+    with packed.packed_linears(model):
+        before = model(x)
+    model.output.weight.mul_(2)  # in place: a new version
+    model.layers[0].attention.wq.weight = nn.Parameter(torch.randn_like(model.layers[0].attention.wq.weight))
+    ref = model(x)
+    with packed.packed_linears(model):
+        after = model(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+    packed.release(model)
+    assert packed._ATTR not in model.__dict__
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decoding_is_the_same_with_and_without_packing(head_type, temperature):
+    model = model_for(head_type, seed=2)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 24, (n,), generator=g).tolist() for n in (4, 1, 8)]
+    for k in (1, 3):
+        outs = [generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=k, temperature=temperature,
+                                                          seed=5, pack_weights=p)) for p in (True, False)]
+        assert outs[0].tokens == outs[1].tokens, f"k={k}"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_packing_does_not_apply_off_the_cpu_float_path():
+    model = model_for().to(torch.float64)
+    with packed.packed_linears(model) as n:
+        assert n == 0
+
+
+def test_only_models_too_big_for_the_cache_are_packed_by_default(monkeypatch):
+    model = model_for()
+    assert not packed.worth_packing(model)  # a few KB of weights: oneDNN's cost per call would dominate
+    monkeypatch.setattr(packed, "MIN_BYTES", 1)
+    assert packed.worth_packing(model)
+    assert not packed.worth_packing(model.to(torch.float64))
