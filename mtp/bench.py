@@ -177,8 +177,8 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
 
 def format_table(report: dict) -> str:
     hf = any("hf_greedy_tok_s" in r for r in report["results"])
-    head = ("| batch | k | greedy tok/s | speculative tok/s | speedup | tokens/forward | step cost | acceptance by head "
-            "| identical |")
+    head = ("| batch | k | greedy tok/s | speculative tok/s | speedup | tokens/forward | step cost "
+            "| acceptance by head | identical |")
     sep = "|---|---|---|---|---|---|---|---|---|"
     if hf:
         head += " transformers tok/s |"
@@ -187,7 +187,8 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         acc = " / ".join(f"{a:.2f}" for a in r["acceptance_by_head"])
         line = (f"| {r['batch_size']} | {r['k']} | {r['greedy_tok_s']:,.0f} | {r['spec_tok_s']:,.0f} | "
-                f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {r['step_cost']:.2f}x | {acc} | {r['identical']} |")
+                f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {r['step_cost']:.2f}x | {acc} "
+                f"| {r['identical']} |")
         if hf:
             line += f" {r.get('hf_greedy_tok_s', float('nan')):,.0f} |"
         lines.append(line)

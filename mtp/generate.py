@@ -246,7 +246,7 @@ class _Decoder:
         """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals.
         extra is what _forward returned for them: their outputs, or (stacked) their state."""
         if self.stacked is not None:
-            hidden = self.stacked.draft(extra, idx)
+            hidden = self.stacked.draft(extra, idx, self.cache.stacked)
         else:
             hidden = extra[:, torch.arange(idx.shape[0], device=idx.device), idx]
         tokens, probs = self.choose(self.model.logits(hidden))  # (k-1, B), (k-1, B, V)

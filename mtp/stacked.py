@@ -111,12 +111,14 @@ class StackedHeads(nn.Module):
         y = self._attend(q[0].transpose(1, 2), k[:B], v[:B], step.mask).reshape(1, B * T, nh * hd)
         h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo[:1].transpose(1, 2))
         h0 = self._ffn(h0, slice(0, 1)).view(B, T, D)
-        return h0, (x, q[1:], k[B:], v[B:], step.mask)
+        return h0, (x, q[1:], step.mask)  # no views of the cache: outputs of a captured graph stay its own
 
-    def draft(self, state, idx: torch.Tensor) -> torch.Tensor:
-        """Heads 1..H-1 at index idx (B,) of the verified positions -> their outputs (H - 1, B, D)."""
-        x, q, k, v, mask = state
+    def draft(self, state, idx: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """Heads 1..H-1 at index idx (B,) of the positions `verify` wrote (state: what it returned;
+        kv: the same cache) -> their outputs (H - 1, B, D)."""
+        x, q, mask = state
         G, B = q.shape[0], x.shape[0]
+        k, v = kv.k[B:, :, : mask.shape[-1]], kv.v[B:, :, : mask.shape[-1]]  # the drafting heads' rows
         rows = torch.arange(B, device=idx.device)
         q = q[:, rows, idx].reshape(G * B, 1, -1, self.head_dim).transpose(1, 2)  # (GB, nh, 1, hd)
         mask = mask[rows, :, idx][:, :, None].repeat(G, 1, 1, 1)  # (GB, 1, 1, kv_len)

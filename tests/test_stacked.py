@@ -43,7 +43,8 @@ def test_stacked_heads_equal_their_own_blocks(n_kv_heads, k):
         for _ in range(3):  # the drafting heads at any index of the step
             idx = torch.randint(0, tokens.shape[1], (B,), generator=g)
             # computed at that one position only: equal up to float rounding (other kernel shapes)
-            torch.testing.assert_close(stacked.stacked.draft(state, idx), extra[:, rows, idx], rtol=1e-5, atol=1e-5)
+            drafted = stacked.stacked.draft(state, idx, stacked.cache.stacked)
+            torch.testing.assert_close(drafted, extra[:, rows, idx], rtol=1e-5, atol=1e-5)
             assert torch.equal(stacked.parallel_drafts(state, idx)[0], plain.parallel_drafts(extra, idx)[0])
         for i in range(k):  # every head's cache holds the same keys and values
             assert torch.equal(stacked.cache.heads[i].k, plain.cache.heads[i].k)
@@ -81,7 +82,8 @@ def test_the_stacked_copy_follows_weight_changes():
     assert not torch.equal(h_s, before)
     assert torch.equal(h_s, h_p)
     idx = torch.tensor([2])
-    torch.testing.assert_close(stacked.stacked.draft(state, idx), extra[:, [0], idx], rtol=1e-5, atol=1e-5)
+    drafted = stacked.stacked.draft(state, idx, stacked.cache.stacked)
+    torch.testing.assert_close(drafted, extra[:, [0], idx], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("head_type, k", [("parallel", 1), ("causal", 3), ("anticausal", 3), ("sequential", 3),
