@@ -19,6 +19,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate, usable_heads
+from mtp.packed import applies, worth_packing
 
 
 def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,
@@ -112,7 +113,8 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 
 
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
-              max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3) -> dict:
+              max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3,
+              pack_weights: bool | None = None) -> dict:
     """Greedy and speculative tokens/s for each batch size and k, each the best of `repeats`
     timed runs after a warm-up (the fastest run is the one least disturbed by the machine).
     Returns {"results": [...], ...}."""
@@ -128,7 +130,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
         raise MTPError("repeats must be at least 1")
 
     def run(batch, k):
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights)
         return generate(model, batch, cfg)
 
     def fastest(outs):
@@ -172,6 +174,8 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
+            "packed_weights": not compile and applies(model) and (
+                pack_weights if pack_weights is not None else worth_packing(model)),
             "results": results}
 
 

@@ -295,12 +295,16 @@ class _Stream:
         sys.stdout.write("\n")
 
 
+PACK_WEIGHTS = {"auto": None, "on": True, "off": False}
+
+
 def _gen_config(args, tok):
     from mtp.generate import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, speculative=args.speculative,
-                            eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile)
+                            eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile,
+                            pack_weights=PACK_WEIGHTS[args.pack_weights])
 
 
 def _stats_line(s, reason: str | None = None) -> str:
@@ -398,6 +402,7 @@ def cmd_bench(args) -> int:
         raise MTPError(f"prompts of up to {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceed the "
                        f"model's context of {model.config.max_seq_len}")
     report = run_bench(model, prompts, batch_sizes, ks, args.max_new_tokens, compile=args.compile, hf=args.hf,
+                       pack_weights=PACK_WEIGHTS[args.pack_weights],
                        log=(lambda m: None) if args.json else None, repeats=args.repeats)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
     if args.plot:
@@ -414,6 +419,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
+                   help="CPU: linear layers compute with weights prepacked for oneDNN (one more copy of them in "
+                        "memory); auto: for models with >= 64 MiB of linear weights")
     p.add_argument("--json", action="store_true")
 
 

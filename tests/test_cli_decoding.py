@@ -12,6 +12,7 @@ from mtp.cli import main
 from mtp.config import ModelConfig
 from mtp.generate import GenerationConfig, generate
 from mtp.model import MTPTransformer
+from mtp.packed import available as packed_available
 from mtp.tokenizers import ByteTokenizer
 
 
@@ -97,6 +98,22 @@ def test_bench_json(capsys, ckpt):
         assert len(r["acceptance_by_head"]) == r["k"] - 1 and r["tokens_per_forward"] >= 1
         assert r["step_cost"] > 0
     assert report["n_prompts"] == 3 and report["prompt_tokens_mean"] == 24
+    assert report["packed_weights"] is False  # a tiny model: not worth packing
+
+
+def test_packed_weights_decode_the_same_tokens(capsys, ckpt):
+    path, _ = ckpt
+    outs = []
+    for mode in ("on", "off"):
+        code, out, err = run_cli(capsys, "generate", path, "--prompt", "def f(x):", "--max-new-tokens", "16",
+                                 "--pack-weights", mode, "--json")
+        assert code == 0, err
+        outs.append(json.loads(out)["tokens"])
+    assert outs[0] == outs[1]
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1", "--max-new-tokens", "8", "--prompt-len", "16",
+                             "--repeats", "1", "--pack-weights", "on", "--json")
+    assert code == 0, err
+    assert json.loads(out)["packed_weights"] is packed_available()
 
 
 def test_bench_prompt_file_and_table(capsys, ckpt, tmp_path):

@@ -83,3 +83,15 @@ def test_only_models_too_big_for_the_cache_are_packed_by_default(monkeypatch):
     monkeypatch.setattr(packed, "MIN_BYTES", 1)
     assert packed.worth_packing(model)
     assert not packed.worth_packing(model.to(torch.float64))
+
+
+@torch.no_grad()
+def test_bfloat16_weights_are_packed_too():
+    model = model_for().to(torch.bfloat16)
+    x = torch.randint(0, 24, (2, 9))
+    ref = model(x).float()
+    with packed.packed_linears(model) as n:
+        assert n > 0
+        got = model(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
