@@ -9,8 +9,10 @@ says whether every row's tokens are the same.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -73,9 +75,35 @@ def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def _batch(prompts: list[list[int]], b: int) -> list[list[int]]:
-    """b prompts, cycling through the list when it is shorter."""
-    return [prompts[i % len(prompts)] for i in range(b)]
+def _batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
+    """Every prompt, in batches of b (the last one filled by cycling through the list)."""
+    n = b * math.ceil(len(prompts) / b)
+    return [[prompts[(i + j) % len(prompts)] for j in range(b)] for i in range(0, n, b)]
+
+
+@dataclass
+class _Pass:
+    """One setting (a k) decoding every batch of one batch size, the calls' statistics summed."""
+    tokens: list[list[int]]
+    seconds: float
+    forward_passes: int
+    new_tokens: int
+    tokens_per_forward: float
+    acceptance_by_head: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+def _sum_passes(outs, k: int) -> _Pass:
+    stats = [o.stats for o in outs]
+    row_forwards = [s.new_tokens / s.tokens_per_forward for s in stats]  # a row's forwards, summed over rows
+    steps = [max(f - s.batch_size, 0) for f, s in zip(row_forwards, stats)]  # minus the prefills
+    acc = [sum(s.acceptance_by_head[j] * n for s, n in zip(stats, steps)) / max(sum(steps), 1e-9) for j in range(k - 1)]
+    new = sum(s.new_tokens for s in stats)
+    return _Pass([t for o in outs for t in o.tokens], sum(s.seconds for s in stats),
+                 sum(s.forward_passes for s in stats), new, new / max(sum(row_forwards), 1e-9), acc)
 
 
 def hf_greedy(hf_model, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], float]:
@@ -115,8 +143,9 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
               max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3,
               pack_weights: bool | None = None) -> dict:
-    """Greedy and speculative tokens/s for each batch size and k, each the best of `repeats`
-    timed runs after a warm-up (the fastest run is the one least disturbed by the machine).
+    """Greedy and speculative tokens/s for each batch size and k, over every prompt in batches of
+    that size, each the best of `repeats` timed runs after a warm-up (the fastest run is the one
+    least disturbed by the machine; the settings take turns within each round).
     Returns {"results": [...], ...}."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     ks = check_bench_args(model, batch_sizes, ks)
@@ -129,39 +158,39 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     if repeats < 1:
         raise MTPError("repeats must be at least 1")
 
-    def run(batch, k):
+    def run(batches, k) -> _Pass:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights)
-        return generate(model, batch, cfg)
+        return _sum_passes([generate(model, batch, cfg) for batch in batches], k)
 
-    def fastest(outs):
-        return max(outs, key=lambda r: r.stats.tokens_per_s)
+    def hf_run(batches):
+        runs = [hf_greedy(hf_model, batch, max_new_tokens) for batch in batches]
+        return [t for toks, _ in runs for t in toks], sum(secs for _, secs in runs)
 
     results = []
     for b in batch_sizes:
-        batch = _batch(prompts, b)
+        batches = _batches(prompts, b)
         for k in [1, *ks]:
-            run(batch, k)  # warm-up (allocator; compilation of this k's step)
+            run(batches[:1], k)  # warm-up (allocator; compilation of this k's step)
         # the settings take turns, so that a slower spell of the machine hits them alike
         timed = {k: [] for k in [1, *ks]}
         for _ in range(repeats):
             for k in timed:
-                timed[k].append(run(batch, k))
-        greedy = fastest(timed[1])
-        greedy_step = greedy.stats.seconds / greedy.stats.forward_passes
-        row = {"batch_size": b, "greedy_tok_s": greedy.stats.tokens_per_s}
-        log(f"batch {b}: greedy {greedy.stats.tokens_per_s:,.0f} tok/s")
+                timed[k].append(run(batches, k))
+        greedy = max(timed[1], key=lambda r: r.tokens_per_s)
+        greedy_step = greedy.seconds / greedy.forward_passes
+        row = {"batch_size": b, "batches": len(batches), "greedy_tok_s": greedy.tokens_per_s}
+        log(f"batch {b}: greedy {greedy.tokens_per_s:,.0f} tok/s")
         if hf_model is not None:
-            hf_greedy(hf_model, batch, 4)  # warm-up
-            hf_tokens, secs = min((hf_greedy(hf_model, batch, max_new_tokens) for _ in range(repeats)),
-                                  key=lambda r: r[1])
-            hf_row = {"hf_greedy_tok_s": b * max_new_tokens / secs, "hf_identical": hf_tokens == greedy.tokens}
+            hf_greedy(hf_model, batches[0], 4)  # warm-up
+            hf_tokens, secs = min((hf_run(batches) for _ in range(repeats)), key=lambda r: r[1])
+            hf_row = {"hf_greedy_tok_s": len(batches) * b * max_new_tokens / secs,
+                      "hf_identical": hf_tokens == greedy.tokens}
             log(f"batch {b}: transformers greedy {hf_row['hf_greedy_tok_s']:,.0f} tok/s, "
                 f"same tokens as ours: {hf_row['hf_identical']}")
         for k in ks:
-            spec = fastest(timed[k])
-            s = spec.stats
+            s = spec = max(timed[k], key=lambda r: r.tokens_per_s)
             results.append({
-                **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.stats.tokens_per_s,
+                **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.tokens_per_s,
                 "tokens_per_forward": s.tokens_per_forward, "acceptance_by_head": s.acceptance_by_head,
                 # a speculative step's time over a greedy step's: the tokens per forward it must beat
                 "step_cost": (s.seconds / s.forward_passes) / greedy_step,

@@ -384,8 +384,8 @@ def cmd_bench(args) -> int:
     from mtp.bench import check_bench_args, corpus_prompts, file_prompts, format_table, run_bench
 
     batch_sizes, ks = _int_list("--batch-sizes", args.batch_sizes), _int_list("--k", args.k)
-    if args.prompt_len < 1 or args.max_new_tokens < 1:
-        raise MTPError("--prompt-len and --max-new-tokens must be at least 1")
+    if args.prompt_len < 1 or args.max_new_tokens < 1 or args.n_prompts < 1:
+        raise MTPError("--prompt-len, --n-prompts and --max-new-tokens must be at least 1")
     model, tok, meta = _load_for_decoding(args)
     ks = check_bench_args(model, batch_sizes, ks)
     if args.prompts:
@@ -394,7 +394,7 @@ def cmd_bench(args) -> int:
     else:
         train_cfg = meta.get("train") or {}
         corpus = args.corpus or train_cfg.get("corpus") or ["stdlib"]
-        prompts = corpus_prompts(corpus, tok, max(batch_sizes), args.prompt_len,
+        prompts = corpus_prompts(corpus, tok, max(max(batch_sizes), args.n_prompts), args.prompt_len,
                                  train_cfg.get("val_fraction", 0.005), progress=not args.json)
         source = f"held-out split of {corpus}"
     longest = max(len(p) for p in prompts)
@@ -458,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="*", default=None, help="held-out prompts from this corpus (default: the "
                    "checkpoint's training corpus)")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from the corpus")
+    p.add_argument("--n-prompts", type=int, default=8,
+                   help="prompts from the corpus (at least the largest batch size); each batch size decodes them all")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--k", default=None, help="heads to speculate with, e.g. 2,3,4 (default: 2..all)")
     p.add_argument("--hf", action="store_true", help="also time transformers' greedy generate on the same weights")

@@ -87,18 +87,40 @@ def test_generate_many_prompts_in_batches(capsys, ckpt, tmp_path):
 def test_bench_json(capsys, ckpt):
     path, _ = ckpt
     code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,3", "--max-new-tokens", "12",
-                             "--prompt-len", "24", "--repeats", "1", "--json")
+                             "--prompt-len", "24", "--n-prompts", "4", "--repeats", "1", "--json")
     assert code == 0, err
     report = json.loads(out)
     rows = report["results"]
     assert [(r["batch_size"], r["k"]) for r in rows] == [(1, 2), (1, 3), (3, 2), (3, 3)]
+    assert [r["batches"] for r in rows] == [4, 4, 2, 2]  # every prompt at every batch size
     for r in rows:
         assert r["identical"] is True
         assert r["speedup"] == pytest.approx(r["spec_tok_s"] / r["greedy_tok_s"])
         assert len(r["acceptance_by_head"]) == r["k"] - 1 and r["tokens_per_forward"] >= 1
         assert r["step_cost"] > 0
-    assert report["n_prompts"] == 3 and report["prompt_tokens_mean"] == 24
+    assert report["n_prompts"] == 4 and report["prompt_tokens_mean"] == 24
     assert report["packed_weights"] is False  # a tiny model: not worth packing
+
+
+def test_bench_sums_the_calls_of_a_setting():
+    """Per-call statistics combine into the setting's: tokens per forward over all row forwards,
+    acceptance weighted by each call's decode steps."""
+    from types import SimpleNamespace
+
+    from mtp.bench import _sum_passes
+    from mtp.generate import GenerationStats
+
+    def call(tokens, batch, new, row_forwards, acc, seconds):
+        stats = GenerationStats(batch_size=batch, k=3, prompt_tokens=0, new_tokens=new, forward_passes=7,
+                                tokens_per_forward=new / row_forwards, acceptance_by_head=acc, seconds=seconds,
+                                tokens_per_s=new / seconds)
+        return SimpleNamespace(tokens=tokens, stats=stats)
+
+    # call 1: 1 row, 10 forwards (9 decode steps); call 2: 2 rows, 12 row forwards (10 steps)
+    total = _sum_passes([call([[1]], 1, 20, 10, [0.5, 0.2], 1.0), call([[2], [3]], 2, 30, 12, [0.1, 0.0], 3.0)], 3)
+    assert total.tokens == [[1], [2], [3]] and total.new_tokens == 50 and total.forward_passes == 14
+    assert total.tokens_per_forward == pytest.approx(50 / 22) and total.tokens_per_s == pytest.approx(50 / 4)
+    assert total.acceptance_by_head == pytest.approx([(0.5 * 9 + 0.1 * 10) / 19, (0.2 * 9) / 19])
 
 
 def test_packed_weights_decode_the_same_tokens(capsys, ckpt):
