@@ -34,7 +34,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
 from mtp.packed import packed_linears, worth_packing
-from mtp.stacked import StackedHeads, stackable
+from mtp.stacked import stacked_heads
 
 
 @dataclass
@@ -166,10 +166,8 @@ class _Decoder:
         needed = {0} if self.sequential else {h for j in range(k) for h in model._path_to(j, model.parents)}
         self.run_order = [i for i in model.head_order if i in needed]
         # parallel heads 0..k-1 all read the trunk: one batched block instead of k (mtp.stacked)
-        heads = [model.head_module(i) for i in range(k)]
-        self.stacked = None
-        if cfg.stack_heads and all(model.parents[i] == TRUNK for i in range(k)) and stackable(heads):
-            self.stacked = StackedHeads(heads)
+        self.stacked = stacked_heads(model, k) if cfg.stack_heads else None
+        if self.stacked is not None:
             self.run_order = []
         self.cache = ModelCache(model, batch, max_len, device=p.device, dtype=p.dtype,
                                 stacked=range(k) if self.stacked is not None else ())

@@ -8,8 +8,9 @@ products are batched over the heads (`torch.bmm` on weights stacked along a new 
 
 Each head computes exactly what its own block computes: the same normalisation, the same
 products row by row, the same attention over its own cache (tests/test_stacked.py compares them
-bit for bit on CPU). The price is one copy of the heads' weights, made when a decoder is built and
-refreshed when the model's weights change (in-place updates bump a parameter's version).
+bit for bit on CPU). The price is one copy of the heads' weights per k, kept on the model
+(`stacked_heads`) and refreshed when the model's weights change (in-place updates bump a
+parameter's version).
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtp.model import CacheStep, KVCache, TransformerBlock, apply_rope
+from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope
+
+
+def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
+    """Heads 0..k-1 of `model` as one StackedHeads, or None where they cannot be stacked (they do
+    not all read the trunk, or are not plain transformer blocks). One per k is kept on the model,
+    so decoders of every batch size and length share one copy of the weights; it is refreshed
+    here when they changed."""
+    heads = [model.head_module(i) for i in range(k)]
+    if not (all(model.parents[i] == TRUNK for i in range(k)) and stackable(heads)):
+        return None
+    kept = model.__dict__.setdefault("_mtp_stacked_heads", {})
+    if k not in kept:
+        kept[k] = StackedHeads(heads)
+    kept[k].refresh()
+    return kept[k]
 
 
 def stackable(blocks: list[nn.Module]) -> bool:

@@ -93,3 +93,11 @@ def test_only_parallel_transformer_heads_are_stacked(head_type, k):
     dec = _Decoder(model, k, 1, 16, GenerationConfig(speculative=k)).reset(GenerationConfig())
     assert dec.stacked is None
     assert dec.cache.stacked is None
+
+
+def test_decoders_share_one_stacked_copy_per_k():
+    """Compiled decoders are kept per shape: they must not each hold a copy of the heads' weights."""
+    model = model_for()
+    a, b = (_Decoder(model, 3, batch, 16, GenerationConfig(speculative=3)) for batch in (1, 4))
+    c = _Decoder(model, 2, 1, 16, GenerationConfig(speculative=2))
+    assert a.stacked is b.stacked and a.stacked is not c.stacked
