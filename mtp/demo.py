@@ -22,13 +22,14 @@ DEMO_MODEL = dict(dim=192, n_layers=6, n_heads=6, max_seq_len=256, multiple_of=6
 DEMO_STEPS = 400
 DEMO_TRAIN = dict(batch_size=8, seq_len=256, lr=2e-3, warmup=30, eval_every=100, eval_batches=16,
                   save_every=100, log_every=10, seed=1337)
-DEMO_DECODE = dict(batch_sizes=(1, 4), max_new_tokens=128, prompt_len=64)
+DEMO_DECODE = dict(batch_sizes=(1, 4), max_new_tokens=128, prompt_len=64, n_prompts=8)
 
 
 def decoding_comparison(model, tokenizer, progress: bool = True) -> dict:
     """Self-speculative decoding of the n = 4 model against its own greedy decoding, on prompts
     from the held-out split of the standard library."""
-    prompts = corpus_prompts(["stdlib"], tokenizer, max(DEMO_DECODE["batch_sizes"]), DEMO_DECODE["prompt_len"])
+    n = max(DEMO_DECODE["n_prompts"], *DEMO_DECODE["batch_sizes"])  # every batch size decodes them all
+    prompts = corpus_prompts(["stdlib"], tokenizer, n, DEMO_DECODE["prompt_len"])
     return run_bench(model.eval(), prompts, DEMO_DECODE["batch_sizes"], None, DEMO_DECODE["max_new_tokens"],
                      log=None if progress else (lambda m: None))
 
