@@ -21,7 +21,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate, usable_heads
-from mtp.packed import applies, worth_packing
+from mtp.packed import will_pack
 
 
 def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,
@@ -203,8 +203,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
-            "packed_weights": not compile and applies(model) and (
-                pack_weights if pack_weights is not None else worth_packing(model)),
+            "packed_weights": will_pack(model, pack_weights, compile),
             "results": results}
 
 

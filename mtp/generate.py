@@ -33,7 +33,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
-from mtp.packed import packed_linears, worth_packing
+from mtp.packed import packed_linears, will_pack
 from mtp.stacked import stacked_heads
 
 
@@ -319,9 +319,8 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     lens, budgets = _prepare_prompts(model, prompts, cfg)
     was_training = model.training
     model.eval()
-    # compiled steps are left to the compiler (inductor packs weights itself when freezing)
-    pack = cfg.pack_weights if cfg.pack_weights is not None else worth_packing(model)
-    packing = packed_linears(model) if pack and not cfg.compile else contextlib.nullcontext()
+    pack = will_pack(model, cfg.pack_weights, cfg.compile)
+    packing = packed_linears(model) if pack else contextlib.nullcontext()
     try:
         with packing:
             return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step)

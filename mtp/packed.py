@@ -52,6 +52,13 @@ def worth_packing(model: nn.Module) -> bool:
     return applies(model) and size >= MIN_BYTES
 
 
+def will_pack(model: nn.Module, pack_weights: bool | None, compiled: bool = False) -> bool:
+    """Whether decoding packs: asked for (None: `worth_packing`), applicable, and not compiled
+    (inductor packs weights itself when freezing)."""
+    wanted = pack_weights if pack_weights is not None else worth_packing(model)
+    return wanted and not compiled and applies(model)
+
+
 def _key(w: torch.Tensor):
     # the same Parameter object (not one that took its place), its storage, its in-place updates
     return id(w), w.data_ptr(), w._version, w.dtype, tuple(w.shape)
