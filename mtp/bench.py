@@ -188,13 +188,13 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             log(f"batch {b}: transformers greedy {hf_row['hf_greedy_tok_s']:,.0f} tok/s, "
                 f"same tokens as ours: {hf_row['hf_identical']}")
         for k in ks:
-            s = spec = max(timed[k], key=lambda r: r.tokens_per_s)
+            s = max(timed[k], key=lambda r: r.tokens_per_s)
             results.append({
                 **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.tokens_per_s,
                 "tokens_per_forward": s.tokens_per_forward, "acceptance_by_head": s.acceptance_by_head,
                 # a speculative step's time over a greedy step's: the tokens per forward it must beat
                 "step_cost": (s.seconds / s.forward_passes) / greedy_step,
-                "identical": spec.tokens == greedy.tokens, **(hf_row if hf_model is not None else {}),
+                "identical": s.tokens == greedy.tokens, **(hf_row if hf_model is not None else {}),
             })
             log(f"batch {b}, k={k}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
                 f"{s.tokens_per_forward:.2f} tokens/forward, a step costs {results[-1]['step_cost']:.2f} greedy steps, "

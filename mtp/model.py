@@ -368,11 +368,14 @@ class ModelCache(nn.Module):
 
         self.batch, self.max_len = batch, max_len
         self.trunk = nn.ModuleList(kv() for _ in model.trunk_blocks)
-        self.stacked = KVCache(len(stacked) * batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype) if stacked else None
+        self.stacked = None
+        if stacked:
+            self.stacked = KVCache(len(stacked) * batch, cfg.n_kv_heads, max_len, cfg.head_dim, device, dtype)
+        slot = {head: j for j, head in enumerate(stacked)}  # head -> its block of rows in self.stacked
         heads = []
         for i in range(cfg.n_future):
-            if i in stacked:
-                heads.append(KVCache.rows_of(self.stacked, list(stacked).index(i) * batch, batch))
+            if i in slot:
+                heads.append(KVCache.rows_of(self.stacked, slot[i] * batch, batch))
             else:
                 heads.append(kv() if isinstance(model.head_module(i), TransformerBlock) else nn.Identity())
         self.heads = nn.ModuleList(heads)

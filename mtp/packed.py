@@ -46,22 +46,26 @@ def applies(model: nn.Module) -> bool:
 MIN_BYTES = 64 * 2**20
 
 
+def _linear_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+
+
 def worth_packing(model: nn.Module) -> bool:
     """Packing applies and the linear weights are too big to stay in cache (>= MIN_BYTES)."""
-    size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
-    return applies(model) and size >= MIN_BYTES
+    return applies(model) and _linear_bytes(model) >= MIN_BYTES
 
 
 def will_pack(model: nn.Module, pack_weights: bool | None, compiled: bool = False) -> bool:
-    """Whether decoding packs: asked for (None: `worth_packing`), applicable, and not compiled
-    (inductor packs weights itself when freezing)."""
-    wanted = pack_weights if pack_weights is not None else worth_packing(model)
-    return wanted and not compiled and applies(model)
+    """Whether decoding packs: not compiled (inductor packs weights itself when freezing),
+    applicable, and asked for (None: when the linear weights take at least MIN_BYTES)."""
+    if compiled or not applies(model):
+        return False
+    return pack_weights if pack_weights is not None else _linear_bytes(model) >= MIN_BYTES
 
 
 def _key(w: torch.Tensor):
-    # the same Parameter object (not one that took its place), its storage, its in-place updates
-    return id(w), w.data_ptr(), w._version, w.dtype, tuple(w.shape)
+    # its storage and its in-place updates (the cache also holds the tensor, to tell a replacement)
+    return w.data_ptr(), w._version, w.dtype, tuple(w.shape)
 
 
 def _forward(packed: torch.Tensor, bias: torch.Tensor | None):

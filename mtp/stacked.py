@@ -25,15 +25,14 @@ from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope
 def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
     """Heads 0..k-1 of `model` as one StackedHeads, or None where they cannot be stacked (they do
     not all read the trunk, or are not plain transformer blocks). One per k is kept on the model,
-    so decoders of every batch size and length share one copy of the weights; it is refreshed
-    here when they changed."""
+    so decoders of every batch size and length share one copy of the weights (a decoder's
+    `reset` refreshes it)."""
     heads = [model.head_module(i) for i in range(k)]
     if not (all(model.parents[i] == TRUNK for i in range(k)) and stackable(heads)):
         return None
     kept = model.__dict__.setdefault("_mtp_stacked_heads", {})
     if k not in kept:
         kept[k] = StackedHeads(heads)
-    kept[k].refresh()
     return kept[k]
 
 
@@ -84,8 +83,8 @@ class StackedHeads(nn.Module):
         key = self._source_key()
         if key == self._key:
             return
+        params = [dict(b.named_parameters()) for b in self._blocks]
         for name, sources in self._LAYOUT.items():
-            params = [dict(b.named_parameters()) for b in self._blocks]
             stacked = torch.stack([torch.cat([p[s] for s in sources], 0) for p in params])
             buf = getattr(self, name)
             if buf.shape == stacked.shape and buf.dtype == stacked.dtype and buf.device == stacked.device:
