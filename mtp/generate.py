@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 
 from mtp.errors import MTPError
 from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
@@ -179,16 +180,18 @@ class _Decoder:
         self.greedy_fn = self._greedy_step
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
+        self.weights = weights_key(model)
         if cfg.compile:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
-            mode = "reduce-overhead" if p.device.type == "cuda" else None
+            how = dict(mode="reduce-overhead") if p.device.type == "cuda" else dict(options=CPU_COMPILE)
             # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
             static = [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else [])
             for t in static + (list(self.stacked.buffers()) if self.stacked is not None else []):
                 torch._dynamo.mark_static_address(t)
-            self.step_fn = torch.compile(self._forward, mode=mode, dynamic=False)
-            self.greedy_fn = torch.compile(self._greedy_step, mode=mode, dynamic=False)
-            self.draft_fn = torch.compile(self._sequential_drafts, mode=mode, dynamic=False)
+            wrap = _frozen if p.device.type == "cpu" else (lambda fn: fn)
+            self.step_fn = wrap(torch.compile(self._forward, dynamic=False, **how))
+            self.greedy_fn = wrap(torch.compile(self._greedy_step, dynamic=False, **how))
+            self.draft_fn = wrap(torch.compile(self._sequential_drafts, dynamic=False, **how))
 
     def reset(self, cfg: GenerationConfig) -> "_Decoder":
         """Start a generate() call: its settings and its random generator."""
@@ -272,6 +275,30 @@ class _Decoder:
         return tokens, probs
 
 
+# Compiling for a CPU: inductor's C++ GEMM micro-kernels (picked per shape against MKL by timing
+# both: at the few rows of a decode step they are several times faster), the weights frozen into
+# the compiled code as constants (which those kernels need: they are packed once at compile time),
+# and a C++ wrapper calling the kernels instead of Python. Frozen weights do not follow the model:
+# a kept decoder is rebuilt when they change (weights_key).
+CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True}
+
+
+def _frozen(compiled: Callable) -> Callable:
+    """Calls compiled (which compiles at its first call) with freezing on, where torch.compile's
+    own options cannot reach: dynamo reads it while tracing, to keep parameters in the graph as
+    constants instead of inputs. Scoped to these calls: elsewhere (a compiled training step's
+    evaluation under no_grad) frozen weights would go stale."""
+    def call(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+    return call
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes when any parameter is replaced or changed in place (its version counter)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig) -> _Decoder:
     if not cfg.compile:
         return _Decoder(model, k, batch, max_len, cfg).reset(cfg)
@@ -283,6 +310,9 @@ def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: G
     # kept on the model, per shape, so that later calls reuse the compiled graphs (and on CUDA
     # the captured graphs, which point at the decoder's own cache buffers)
     per_model = model.__dict__.setdefault("_compiled_decoders", {})
+    frozen = p.device.type == "cpu"  # compiled with the weights as constants (CPU_COMPILE)
+    if key in per_model and frozen and per_model[key].weights != weights_key(model):
+        del per_model[key]  # compiled with weights that have changed since: compile again
     if key not in per_model:
         per_model[key] = _Decoder(model, k, batch, max_len, cfg)
     return per_model[key].reset(cfg)
@@ -456,8 +486,9 @@ def greedy_accept(target: torch.Tensor, drafts: torch.Tensor | None):
     """target (B, k): the verifier's argmax after each fed token; drafts (B, k - 1) -> (tokens
     to commit (B, k), a (B,): the longest prefix of drafts equal to the verifier's choices)."""
     B, k = target.shape
-    if k > 1:
-        a = (drafts == target[:, :-1]).long().cumprod(1).sum(1)
+    if k > 1:  # the first mismatch (a cumprod of matches would be an opaque call when compiled)
+        miss = drafts != target[:, :-1]
+        a = torch.where(miss.any(1), miss.int().argmax(1), k - 1)
     else:
         a = torch.zeros(B, dtype=torch.long, device=target.device)
     return _commit(drafts, target[torch.arange(B, device=target.device), a], a), a

@@ -80,10 +80,30 @@ class KVCache(nn.Module):
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v (B, Hkv, T, hd) at positions (B, T); return the first kv_len positions."""
-        idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, idx, k.to(self.k.dtype))
-        self.v.scatter_(2, idx, v.to(self.v.dtype))
+        # an index_put_, not a scatter_: torch.compile writes it in place, where a scatter_ into a
+        # buffer makes inductor copy the whole cache in and out around the write
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, hd)
+        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of decoding queries q (B, H, T, hd) over a cache's keys and values
+    (B, Hkv, S, hd), masked by mask (B, 1, T, S), -> (B, H, T, hd).
+
+    Eager: scaled_dot_product_attention. Compiled for a CPU: the same product written out, which
+    inductor fuses into its own kernels; SDPA stays an opaque call there, whose cost at a few
+    queries (about 40 us on a small model's step) exceeds all the arithmetic around it."""
+    if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.to(q.dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1).to(q.dtype) @ v.to(q.dtype))
 
 
 class CacheStep:
@@ -119,8 +139,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if kv is not None:  # decoding: attend over the static cache, masked by position
             k, v = kv.update(step.positions, k, v, step.kv_len)  # (B, Hkv, kv_len, hd)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = cached_attention(q, k, v, step.mask)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope
+from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope, cached_attention
 
 
 def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
@@ -98,9 +98,7 @@ class StackedHeads(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * weight
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (rows, nh, T, hd)
-        return y.transpose(1, 2)  # (rows, T, nh, hd)
+        return cached_attention(q, k, v, mask).transpose(1, 2)  # (rows, T, nh, hd)
 
     def _ffn(self, h: torch.Tensor, heads: slice) -> torch.Tensor:
         """The feed-forward half of heads `heads` on their residual streams h (H', M, D)."""

@@ -10,7 +10,7 @@ import torch
 
 from mtp.config import HEAD_TYPES, ModelConfig
 from mtp.errors import MTPError
-from mtp.generate import GenerationConfig, generate, process_logits, usable_heads
+from mtp.generate import GenerationConfig, generate, greedy_accept, process_logits, usable_heads
 from mtp.losses import naive_loss
 from mtp.model import MTPTransformer
 from mtp.tokenizers import ByteTokenizer
@@ -338,12 +338,40 @@ def test_sampling_is_reproducible_with_a_seed():
 
 @pytest.mark.parametrize("head_type", ["causal", "parallel"])  # parallel: the stacked heads compiled
 def test_compiled_decoding_equals_eager(head_type):
-    """torch.compile'd decode steps (CUDA graphs on GPU) give the same tokens, and a second call
-    reuses the compiled decoder."""
-    model = trained(head_type)
+    """torch.compile'd decode steps (CUDA graphs on GPU; frozen weights and C++ GEMMs on CPU) give
+    the same tokens, a second call reuses the compiled decoder, and changed weights are followed."""
+    model = MTPTransformer(trained(head_type).config).eval()  # a copy: its weights are changed below
+    model.load_state_dict(trained(head_type).state_dict())
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
     for _ in range(2):
         out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
         assert out.tokens == refs
     assert len(model._compiled_decoders) == 1
+    if head_type == "parallel":
+        # on a CPU the weights are compiled in as constants: changed weights must be compiled again
+        with torch.no_grad():
+            for p in [*model.layers[0].parameters(), *model.extra_heads[0].parameters()]:
+                p.mul_(-1.5)
+        refs = [reference_greedy(model, p, 16) for p in prompts]
+        assert refs != out.tokens
+        out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
+        assert out.tokens == refs
+
+
+def test_greedy_accept_takes_the_longest_matching_prefix():
+    """a = drafts accepted before the first mismatch; the committed tokens are those drafts, then the
+    verifier's own token after them (compared with a plain loop over random cases)."""
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 4):
+        target = torch.randint(0, 3, (200, k), generator=g)  # 3 symbols: every prefix length occurs
+        drafts = torch.randint(0, 3, (200, k - 1), generator=g) if k > 1 else None
+        new, a = greedy_accept(target, drafts)
+        for b in range(200):
+            n = 0
+            while n < k - 1 and int(drafts[b, n]) == int(target[b, n]):
+                n += 1
+            assert int(a[b]) == n
+            assert new[b, : n + 1].tolist() == target[b, : n + 1].tolist()
+        if k == 4:
+            assert set(a.tolist()) == {0, 1, 2, 3}
