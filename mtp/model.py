@@ -80,11 +80,16 @@ class KVCache(nn.Module):
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v (B, Hkv, T, hd) at positions (B, T); return the first kv_len positions."""
-        # an index_put_, not a scatter_: torch.compile writes it in place, where a scatter_ into a
-        # buffer makes inductor copy the whole cache in and out around the write
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, hd)
-        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        if torch.compiler.is_compiling():
+            # an index_put_: inductor writes it in place, where a scatter_ into a buffer makes it
+            # copy the whole cache in and out around the write, at every step
+            rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+            self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, hd)
+            self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        else:  # eager: scatter_ is the cheaper call
+            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, idx, k.to(self.k.dtype))
+            self.v.scatter_(2, idx, v.to(self.v.dtype))
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from mtp.config import HEAD_TYPES, ModelConfig, preset
 from mtp.errors import MTPError
 from mtp.losses import multi_token_targets, naive_loss
-from mtp.model import MTPTransformer
+from mtp.model import KVCache, MTPTransformer, cached_attention
 
 V = 61  # a vocabulary size that matches no other dimension
 
@@ -459,3 +459,33 @@ def test_labels_line_up_with_model_inputs():
     labels = multi_token_targets(window, [1, 2, 4])
     x = window[:, :-1]
     assert torch.equal(labels[0, :12, 2], x[0, 4:16])
+
+
+# ---- decoding kernels: what torch.compile runs equals what eager runs ----------------------------
+def test_kv_cache_writes_the_same_when_compiled():
+    """Compiled, the cache is written with index_put_ (in place for inductor), eager with scatter_."""
+    torch.manual_seed(0)
+    pos = torch.tensor([[3, 4, 5], [9, 10, 11]])
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    eager, compiled = KVCache(2, 2, 16, 4), KVCache(2, 2, 16, 4)
+    ke, ve = eager.update(pos, k, v, 12)
+    kc, vc = torch.compile(compiled.update, backend="aot_eager", fullgraph=True)(pos, k, v, 12)
+    assert torch.equal(eager.k, compiled.k) and torch.equal(eager.v, compiled.v)
+    assert torch.equal(ke, kc) and torch.equal(ve, vc)
+    assert torch.equal(eager.k[1, :, 9:12], k[1]) and eager.k[1, :, :9].abs().sum() == 0
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_cached_attention_compiled_on_cpu_matches_sdpa(n_kv_heads):
+    """Compiled for a CPU, attention over the cache is written out (for inductor to fuse); it must
+    equal scaled_dot_product_attention, grouped-query heads and masked positions included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, n_kv_heads, 16, 8), torch.randn(2, n_kv_heads, 16, 8)
+    pos = torch.tensor([[5, 6, 7], [10, 11, 12]])
+    mask = torch.arange(16)[None, None, None, :] <= pos[:, None, :, None]
+    eager = cached_attention(q, k, v, mask)
+    compiled = torch.compile(cached_attention, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    k2 = k.clone()
+    k2[:, :, 13:] = 1e3  # positions past every query's own: masked out
+    assert_close(cached_attention(q, k2, v, mask), eager)
