@@ -170,7 +170,12 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     for b in batch_sizes:
         batches = _batches(prompts, b)
         for k in [1, *ks]:
+            if compile:
+                log(f"batch {b}, k={k}: compiling the decode step...")
+            t0 = time.perf_counter()
             run(batches[:1], k)  # warm-up (allocator; compilation of this k's step)
+            if compile:
+                log(f"batch {b}, k={k}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
         # the settings take turns, so that a slower spell of the machine hits them alike
         timed = {k: [] for k in [1, *ks]}
         for _ in range(repeats):

@@ -334,6 +334,8 @@ def cmd_generate(args) -> int:
     if args.prompts is not None:
         return _generate_batch(model, tok, cfg, args)
     prompt = tok.encode(text)
+    if cfg.compile and not args.json:
+        print("[compiling the decode step; the time below includes it]", file=sys.stderr)
     stream = None if args.json else _Stream(tok, cfg.stop)
     out = generate(model, [prompt], cfg, tokenizer=tok, on_step=stream)
     s = out.stats
@@ -418,7 +420,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: CUDA graphs on GPU; on CPU, C++ matrix kernels on the "
+                        "weights frozen in (compiling takes about a minute per batch size and k)")
     p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
                    help="CPU: linear layers compute with weights prepacked for oneDNN (one more copy of them in "
                         "memory); auto: for models with >= 64 MiB of linear weights")

@@ -176,8 +176,18 @@ class _Decoder:
         self.h0 = (torch.zeros(batch, max_len, model.config.dim, device=p.device, dtype=p.dtype)
                    if self.sequential and k > 1 else None)
         self.seq = torch.zeros(batch, max_len + k, dtype=torch.long, device=p.device)  # tokens, then drafts
+        # each row's decoding state, updated in place by commit() (on the device: no host sync)
+        z = dict(dtype=torch.long, device=p.device)
+        self.L = torch.zeros(batch, **z)  # committed tokens (prompt and new)
+        self.gen = torch.zeros(batch, **z)  # new tokens
+        self.budget = torch.zeros(batch, **z)  # new tokens allowed
+        self.active = torch.zeros(batch, dtype=torch.bool, device=p.device)
+        self.drafts = torch.zeros(batch, max(k - 1, 1), **z)  # the next step's drafts (fused greedy steps)
+        self.accepted = torch.zeros(max(k - 1, 1), **z)  # accepted drafts by head, over active rows' steps
+        self.row_steps = torch.zeros((), **z)  # decode steps of active rows
         self.step_fn = self._forward
         self.greedy_fn = self._greedy_step
+        self.round_fn = self._greedy_round
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
         self.weights = weights_key(model)
@@ -185,12 +195,14 @@ class _Decoder:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
             how = dict(mode="reduce-overhead") if p.device.type == "cuda" else dict(options=CPU_COMPILE)
             # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
-            static = [*self.cache.buffers(), self.seq] + ([self.h0] if self.h0 is not None else [])
+            state = [self.seq, self.L, self.gen, self.budget, self.active, self.drafts, self.accepted, self.row_steps]
+            static = [*self.cache.buffers(), *state] + ([self.h0] if self.h0 is not None else [])
             for t in static + (list(self.stacked.buffers()) if self.stacked is not None else []):
                 torch._dynamo.mark_static_address(t)
             wrap = _frozen if p.device.type == "cpu" else (lambda fn: fn)
             self.step_fn = wrap(torch.compile(self._forward, dynamic=False, **how))
             self.greedy_fn = wrap(torch.compile(self._greedy_step, dynamic=False, **how))
+            self.round_fn = wrap(torch.compile(self._greedy_round, dynamic=False, **how))
             self.draft_fn = wrap(torch.compile(self._sequential_drafts, dynamic=False, **how))
 
     def reset(self, cfg: GenerationConfig) -> "_Decoder":
@@ -235,6 +247,58 @@ class _Decoder:
         new, a = greedy_accept(self.model.logits(h).argmax(-1), fed[:, 1:])
         drafts = self.parallel_drafts(extra, a)[0] if fed.shape[1] > 1 else None
         return new, a, drafts
+
+    def start(self, prompts: Sequence[Sequence[int]], budgets: list[int]) -> None:
+        """The state of a new generate() call: the prompts in seq, nothing committed yet."""
+        self.seq.zero_()
+        for b, p in enumerate(prompts):
+            self.seq[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        self.L.copy_(torch.tensor([len(p) for p in prompts]))
+        self.gen.zero_()
+        self.budget.copy_(torch.tensor(budgets))
+        self.active.fill_(True)
+        self.accepted.zero_()
+        self.row_steps.zero_()
+
+    def commit(self, new: torch.Tensor, n_new: torch.Tensor, eot_id: int | None) -> torch.Tensor:
+        """Commit each row's first n_new (B,) tokens of new (B, k): at most its remaining budget,
+        up to and including an end-of-text token, none for a row that has stopped. Updates the
+        state in place -> what the host needs, one (B, k + 3) tensor: each row's number of
+        committed tokens, the k tokens, whether it hit end-of-text, whether it stopped now."""
+        ar_k = torch.arange(new.shape[1], device=new.device)
+        n_new = torch.minimum(n_new, self.budget - self.gen)
+        hit_eot = torch.zeros_like(self.active)
+        if eot_id is not None:
+            is_eot = (new == eot_id) & (ar_k[None, :] < n_new[:, None])
+            hit_eot = is_eot.any(1)
+            n_new = torch.where(hit_eot, is_eot.int().argmax(1) + 1, n_new)
+        n_new = torch.where(self.active, n_new, 0)
+        rows = torch.arange(new.shape[0], device=new.device)[:, None]
+        self.seq[rows, self.L[:, None] + ar_k] = new
+        self.L.add_(n_new)
+        self.gen.add_(n_new)
+        stopped = self.active & (hit_eot | (self.gen >= self.budget))
+        self.active.logical_and_(~stopped)
+        return torch.cat([n_new[:, None], new, hit_eot[:, None].long(), stopped[:, None].long()], 1)
+
+    def count(self, a: torch.Tensor) -> None:
+        """Statistics of a step that accepted a (B,) drafts per row (before its commit)."""
+        self.row_steps.add_(self.active.sum())
+        if self.k > 1:
+            ar = torch.arange(self.k - 1, device=a.device)
+            self.accepted.add_(((a[:, None] > ar) & self.active[:, None]).sum(0))
+
+    def _greedy_round(self, kv_len: int, eot_id: int | None) -> torch.Tensor:
+        """A whole greedy decode step of parallel-type heads, one graph when compiled: feed each
+        row's last token and its drafts, verify, draft again, commit -> commit()'s host tensor."""
+        last = self.seq.gather(1, (self.L - 1)[:, None])
+        fed = torch.cat([last, self.drafts], 1) if self.k > 1 else last  # (B, k)
+        positions = (self.L - 1)[:, None] + torch.arange(self.k, device=fed.device)
+        new, a, drafts = self._greedy_step(fed, positions, kv_len)
+        self.count(a)
+        if drafts is not None:
+            self.drafts.copy_(drafts)
+        return self.commit(new, a + 1, eot_id)
 
     def choose(self, logits: torch.Tensor):
         """Greedy: (argmax, None). Sampling: (a sample, the distribution it came from)."""
@@ -368,47 +432,27 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
 
     rows = torch.arange(B, device=dev)
     ar_k = torch.arange(k, device=dev)
-    seq = dec.seq.zero_()  # committed tokens, then drafts
-    for b, p in enumerate(prompts):
-        seq[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
-    L = torch.tensor(lens, device=dev)  # committed tokens per row
-    L_max = max(lens)  # an upper bound of L.max() kept on the host (sizes the attention window)
-    gen = torch.zeros(B, dtype=torch.long, device=dev)
-    budget = torch.tensor(budgets, device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
+    dec.start(prompts, budgets)
+    L_max = max(lens)  # an upper bound of the rows' lengths kept on the host (sizes the attention window)
 
     # prefill: every prompt position, each row's first token from its last prompt position
-    h, extra = dec._forward(seq[:, :T0], torch.arange(T0, device=dev).expand(B, -1), dec.kv_len(T0 - 1))
-    last = L - 1
+    h, extra = dec._forward(dec.seq[:, :T0], torch.arange(T0, device=dev).expand(B, -1), dec.kv_len(T0 - 1))
+    last = dec.L - 1
     first, _ = dec.choose(model.logits(h[rows, last]))  # logits at the last position only
-    new = first[:, None].expand(B, k)
-    n_new = torch.ones(B, dtype=torch.long, device=dev)
     drafts = qs = None
     if k > 1 and not dec.sequential:  # the heads' drafts at each row's last prompt position
         drafts, qs = dec.parallel_drafts(extra, last)
-    forwards, accepted = 1, torch.zeros(max(k - 1, 1), dtype=torch.long, device=dev)
-    row_steps = torch.zeros((), dtype=torch.long, device=dev)  # decode steps of active rows
-    fused = cfg.greedy and not dec.sequential  # one function per step: forward, acceptance, drafts
+        dec.drafts.copy_(drafts)
+    host = dec.commit(first[:, None].expand(B, k), torch.ones(B, dtype=torch.long, device=dev), cfg.eot_id)
+    forwards = 1
+    fused = cfg.greedy and not dec.sequential  # one function per step: forward, acceptance, drafts, commit
 
     outputs: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     while True:
-        # commit the step's new tokens; a row stops at the end-of-text token or its budget
-        n_new = torch.minimum(n_new, budget - gen)
-        hit_eot = torch.zeros(B, dtype=torch.bool, device=dev)
-        if cfg.eot_id is not None:
-            is_eot = (new == cfg.eot_id) & (ar_k[None, :] < n_new[:, None])
-            hit_eot = is_eot.any(1)
-            n_new = torch.where(hit_eot, is_eot.int().argmax(1) + 1, n_new)
-        n_new = torch.where(active, n_new, 0)
-        seq.scatter_(1, L[:, None] + ar_k, new)
-        L, gen = L + n_new, gen + n_new
-        stopped = active & (hit_eot | (gen >= budget))
-        active = active & ~stopped
-        # one transfer to the host per step: the tokens, for the output and the stop strings
-        host = torch.cat([n_new[:, None], new, hit_eot[:, None].long(), stopped[:, None].long()], 1).tolist()
+        # one transfer to the host per step: the committed tokens, for the output and the stop strings
         step_tokens = []
-        for b, (n, *rest) in enumerate(host):
+        for b, (n, *rest) in enumerate(host.tolist()):
             toks = rest[:k][:n]
             step_tokens.append(toks)
             outputs[b].extend(toks)
@@ -422,47 +466,42 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
                     outputs[b] = _cut_at_stop(outputs[b], before, tokenizer, cfg.stop)
                     step_tokens[b] = outputs[b][before:]
                     reasons[b] = "stop"
-                    active[b] = False
+                    dec.active[b] = False
         if on_step is not None:
             on_step(step_tokens)
         if not any(r is None for r in reasons):
             break
 
-        # sequential heads draft now, from the position the verifier last accepted (other heads'
-        # drafts came out of the verify pass)
+        forwards += 1
+        kv_len = dec.kv_len(L_max + k - 2)
+        if fused:
+            host = dec.round_fn(kv_len, cfg.eot_id)
+            continue
+        # sampling, sequential heads: the step in parts. Sequential heads draft now, from the
+        # position the verifier last accepted (other heads' drafts came out of the verify pass)
         if k > 1 and dec.sequential:
             kv = dec.kv_len(L_max)  # the window ends at last = L - 2 <= L_max
             window = T0 if drafts is None else 2 * k - 2  # re-run what read drafts last time
             fn = dec._sequential_drafts if drafts is None else dec.draft_fn
-            drafts, qs = fn(seq, last, window, kv)
-
+            drafts, qs = fn(dec.seq, last, window, kv)
         # verify: each row's last committed token and its k - 1 drafts, at its own positions
-        fed = seq.gather(1, (L - 1)[:, None])
+        fed = dec.seq.gather(1, (dec.L - 1)[:, None])
         if k > 1:
             fed = torch.cat([fed, drafts], 1)  # (B, k)
-        positions = (L - 1)[:, None] + ar_k  # (B, k)
-        forwards += 1
-        row_steps += active.sum()
-        if fused:
-            new, a, drafts = dec.greedy_fn(fed, positions, dec.kv_len(L_max + k - 2))
-            if dec.compiled:  # a captured graph's outputs are overwritten by its next replay
-                new, a, drafts = (t.clone() if t is not None else None for t in (new, a, drafts))
-        else:
-            h, extra = dec.step_fn(fed, positions, dec.kv_len(L_max + k - 2))
-            new, a = _accept(dec, model.logits(h), drafts, qs)
-            if k > 1 and not dec.sequential:  # next drafts, from the position just accepted
-                drafts, qs = dec.parallel_drafts(extra, a)
-        if k > 1:
-            accepted += ((a[:, None] > torch.arange(k - 1, device=dev)) & active[:, None]).sum(0)
-        n_new = a + 1
-        last = L - 1 + a
+        h, extra = dec.step_fn(fed, (dec.L - 1)[:, None] + ar_k, kv_len)
+        new, a = _accept(dec, model.logits(h), drafts, qs)
+        if k > 1 and not dec.sequential:  # next drafts, from the position just accepted
+            drafts, qs = dec.parallel_drafts(extra, a)
+        dec.count(a)
+        last = dec.L - 1 + a
+        host = dec.commit(new, a + 1, cfg.eot_id)
 
     sync()
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(o) for o in outputs)
-    row_steps = int(row_steps)
+    row_steps = int(dec.row_steps)
     row_forwards = B + row_steps  # the prefill and the decode steps of active rows
-    acc = (accepted.float() / max(row_steps, 1)).tolist() if k > 1 else []
+    acc = (dec.accepted.float() / max(row_steps, 1)).tolist() if k > 1 else []
     stats = GenerationStats(
         batch_size=B, k=k, prompt_tokens=sum(lens), new_tokens=n_tokens, forward_passes=forwards,
         tokens_per_forward=n_tokens / max(row_forwards, 1), acceptance_by_head=acc if forwards > 1 else [0.0] * (k - 1),
