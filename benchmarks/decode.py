@@ -10,6 +10,7 @@ follows the permutation, which every head learns, so most drafts are accepted.
 
     python benchmarks/decode.py --out $OUT/decode.json           # GPU: gpt2-124m layout, bf16
     python benchmarks/decode.py --dry-run                         # CPU, toy sizes, about a minute
+    python benchmarks/decode.py --dry-run --compile-ks 1,4        # and compiled for the CPU
 
 Every speculative run is checked against greedy (`identical`) and so is transformers' output
 (`hf_identical`; in bf16, different kernels may break near-ties differently).
@@ -81,11 +82,13 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         cfg = preset(args.preset, vocab_size=32000, n_future=4, max_seq_len=1024)
         steps, batch, seq, active = args.train_steps, 32, 256, args.active
-        batch_sizes, max_new, compile_ks = args.batch_sizes, args.max_new_tokens, args.compile_ks
+        batch_sizes, max_new = args.batch_sizes, args.max_new_tokens
+        compile_ks = [1, 4] if args.compile_ks is None else args.compile_ks
     else:  # a toy version of the same run, to check the script on a CPU
         cfg = preset("small", vocab_size=512, n_future=4, dim=64, n_layers=6, n_heads=4, max_seq_len=256)
         steps, batch, seq, active = min(args.train_steps, 60), 16, 64, 64
-        batch_sizes, max_new, compile_ks = [1, 2], 32, []
+        batch_sizes, max_new = [1, 2], 32
+        compile_ks = args.compile_ks or []  # compiling on a CPU takes about 30 s per k: only when asked
     torch.manual_seed(0)
     model = MTPTransformer(cfg).to(dev)
     log(f"decode benchmark on {dev}: {cfg.n_layers} blocks, dim {cfg.dim}, vocab {cfg.vocab_size}, "
@@ -179,8 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--active", type=int, default=4096, help="tokens the walk visits")
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    ap.add_argument("--compile-ks", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4],
-                    help="k values also timed compiled (CUDA graphs); empty string: none")
+    ap.add_argument("--compile-ks", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+                    help="k values also timed compiled (default: 1,4 on GPU, none with --dry-run); "
+                         "empty string: none")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the fastest is reported")

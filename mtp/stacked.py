@@ -49,7 +49,12 @@ class StackedHeads(nn.Module):
     parameters: nothing here is trained."""
 
     # the stacked buffers and, for each, the parameters of one block that fill it (concatenated
-    # along the output dimension where several are one product)
+    # along the output dimension where several are one product). The weights after attention are
+    # kept in two buffers, `{name}_0` for head 0 (`verify`) and `{name}_d` for the drafting heads
+    # (`draft`), so that no product reads a slice of a stacked weight: compiled for a CPU with
+    # frozen weights, inductor's C++ GEMM kernels read such a slice wrongly (torch 2.13; the drafts
+    # came out wrong at batch sizes > 1, tests/test_stacked.py)
+    _SPLIT = ("ffn_norm", "wo", "w13", "w2")
     _LAYOUT = {
         "attention_norm": ("attention_norm.weight",),
         "ffn_norm": ("ffn_norm.weight",),
@@ -69,9 +74,19 @@ class StackedHeads(nn.Module):
         self.ffn_hidden = blocks[0].feed_forward.w1.weight.shape[0]
         self._blocks = list(blocks)  # a plain list: the blocks stay registered on their model only
         self._key = None
-        for name in self._LAYOUT:
+        for name in self._buffer_sources():
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
+
+    def _buffer_sources(self) -> dict[str, tuple[slice, tuple[str, ...]]]:
+        """{buffer: (the blocks that fill it, their parameters)}."""
+        out = {}
+        for name, sources in self._LAYOUT.items():
+            if name in self._SPLIT:
+                out[f"{name}_0"], out[f"{name}_d"] = (slice(0, 1), sources), (slice(1, None), sources)
+            else:
+                out[name] = (slice(None), sources)
+        return out
 
     def _source_key(self):
         return tuple((p.data_ptr(), p._version) for b in self._blocks for p in b.parameters())
@@ -84,8 +99,8 @@ class StackedHeads(nn.Module):
         if key == self._key:
             return
         params = [dict(b.named_parameters()) for b in self._blocks]
-        for name, sources in self._LAYOUT.items():
-            stacked = torch.stack([torch.cat([p[s] for s in sources], 0) for p in params])
+        for name, (blocks, sources) in self._buffer_sources().items():
+            stacked = torch.stack([torch.cat([p[s] for s in sources], 0) for p in params[blocks]])
             buf = getattr(self, name)
             if buf.shape == stacked.shape and buf.dtype == stacked.dtype and buf.device == stacked.device:
                 buf.copy_(stacked)
@@ -100,11 +115,12 @@ class StackedHeads(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return cached_attention(q, k, v, mask).transpose(1, 2)  # (rows, T, nh, hd)
 
-    def _ffn(self, h: torch.Tensor, heads: slice) -> torch.Tensor:
-        """The feed-forward half of heads `heads` on their residual streams h (H', M, D)."""
-        gate, up = torch.bmm(self._norm(h, self.ffn_norm[heads, None]), self.w13[heads].transpose(1, 2)).split(
-            self.ffn_hidden, dim=-1)
-        return h + torch.bmm(F.silu(gate) * up, self.w2[heads].transpose(1, 2))
+    def _ffn(self, h: torch.Tensor, part: str) -> torch.Tensor:
+        """The feed-forward half of head 0 (part "0") or the drafting heads ("d") on their residual
+        streams h (H', M, D)."""
+        norm, w13, w2 = (getattr(self, f"{name}_{part}") for name in ("ffn_norm", "w13", "w2"))
+        gate, up = torch.bmm(self._norm(h, norm[:, None]), w13.transpose(1, 2)).split(self.ffn_hidden, dim=-1)
+        return h + torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))
 
     def verify(self, x: torch.Tensor, kv: KVCache, step: CacheStep):
         """x (B, T, D), the trunk's output at step.positions. kv: the heads' caches as one cache of
@@ -122,8 +138,8 @@ class StackedHeads(nn.Module):
         k, v = (t.reshape(H * B, T, nkv, hd).transpose(1, 2) for t in (k, v))
         k, v = kv.update(step.positions.repeat(H, 1), k, v, step.kv_len)  # (HB, nkv, kv_len, hd)
         y = self._attend(q[0].transpose(1, 2), k[:B], v[:B], step.mask).reshape(1, B * T, nh * hd)
-        h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo[:1].transpose(1, 2))
-        h0 = self._ffn(h0, slice(0, 1)).view(B, T, D)
+        h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo_0.transpose(1, 2))
+        h0 = self._ffn(h0, "0").view(B, T, D)
         return h0, (x, q[1:], step.mask)  # no views of the cache: outputs of a captured graph stay its own
 
     def draft(self, state, idx: torch.Tensor, kv: KVCache) -> torch.Tensor:
@@ -136,5 +152,5 @@ class StackedHeads(nn.Module):
         q = q[:, rows, idx].reshape(G * B, 1, -1, self.head_dim).transpose(1, 2)  # (GB, nh, 1, hd)
         mask = mask[rows, :, idx][:, :, None].repeat(G, 1, 1, 1)  # (GB, 1, 1, kv_len)
         y = self._attend(q, k, v, mask).reshape(G, B, -1)
-        h = x[rows, idx][None] + torch.bmm(y, self.wo[1:].transpose(1, 2))  # (G, B, D)
-        return self._ffn(h, slice(1, None))
+        h = x[rows, idx][None] + torch.bmm(y, self.wo_d.transpose(1, 2))  # (G, B, D)
+        return self._ffn(h, "d")

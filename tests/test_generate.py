@@ -344,9 +344,13 @@ def test_compiled_decoding_equals_eager(head_type):
     model.load_state_dict(trained(head_type).state_dict())
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3))
     for _ in range(2):
         out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
         assert out.tokens == refs
+        # the same drafts too: wrong drafts leave the tokens right (the verifier decides) but cost speed
+        assert out.stats.forward_passes == eager.stats.forward_passes
+        assert out.stats.acceptance_by_head == pytest.approx(eager.stats.acceptance_by_head)
     assert len(model._compiled_decoders) == 1
     if head_type == "parallel":
         # on a CPU the weights are compiled in as constants: changed weights must be compiled again
