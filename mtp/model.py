@@ -106,7 +106,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.to(q.dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    # q . k as a broadcast sum: inductor fuses it into a reduction over the cache as it lies (as a
+    # matmul it copied the key cache into a transposed layout at every step, at batch sizes > 1)
+    scores = (q[..., :, None, :] * k.to(q.dtype)[..., None, :, :]).sum(-1) * q.shape[-1] ** -0.5  # (B, H, T, S)
     scores = scores.float().masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1).to(q.dtype) @ v.to(q.dtype))
 
