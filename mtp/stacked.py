@@ -53,7 +53,7 @@ class StackedHeads(nn.Module):
     # kept in two buffers, `{name}_0` for head 0 (`verify`) and `{name}_d` for the drafting heads
     # (`draft`), so that no product reads a slice of a stacked weight: compiled for a CPU with
     # frozen weights, inductor's C++ GEMM kernels read such a slice wrongly (torch 2.13; the drafts
-    # came out wrong at batch sizes > 1, tests/test_stacked.py)
+    # came out wrong at batch sizes > 1; tests/test_generate.py::test_compiled_decoding_equals_eager)
     _SPLIT = ("ffn_norm", "wo", "w13", "w2")
     _LAYOUT = {
         "attention_norm": ("attention_norm.weight",),
