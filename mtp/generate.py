@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 
 from mtp.errors import MTPError
-from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead
+from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead, weights_key
 from mtp.packed import packed_linears, will_pack
 from mtp.stacked import stacked_heads
 
@@ -190,7 +189,8 @@ class _Decoder:
         self.round_fn = self._greedy_round
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
-        self.weights = weights_key(model)
+        # compiled for a CPU, the weights are constants in the code: _decoder_for checks them
+        self.weights = weights_key(model) if cfg.compile and p.device.type == "cpu" else None
         if cfg.compile:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
             how = dict(mode="reduce-overhead") if p.device.type == "cuda" else dict(options=CPU_COMPILE)
@@ -356,11 +356,6 @@ def _frozen(compiled: Callable) -> Callable:
         with torch._inductor.config.patch(freezing=True):
             return compiled(*args)
     return call
-
-
-def weights_key(model: nn.Module) -> tuple:
-    """Changes when any parameter is replaced or changed in place (its version counter)."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig) -> _Decoder:

@@ -93,6 +93,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
+def weights_key(*modules: nn.Module) -> tuple:
+    """Changes when any parameter of the modules is replaced or changed in place (its version
+    counter): how copies of weights (stacked heads, compiled-in constants) know they are stale."""
+    return tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of decoding queries q (B, H, T, hd) over a cache's keys and values
     (B, Hkv, S, hd), masked by mask (B, 1, T, S), -> (B, H, T, hd).

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope, cached_attention
+from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope, cached_attention, weights_key
 
 
 def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
@@ -88,14 +88,11 @@ class StackedHeads(nn.Module):
                 out[name] = (slice(None), sources)
         return out
 
-    def _source_key(self):
-        return tuple((p.data_ptr(), p._version) for b in self._blocks for p in b.parameters())
-
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the blocks' weights in if they changed since the last copy. The buffers keep their
         storage (a captured CUDA graph reads them by address)."""
-        key = self._source_key()
+        key = weights_key(*self._blocks)
         if key == self._key:
             return
         params = [dict(b.named_parameters()) for b in self._blocks]
