@@ -135,7 +135,7 @@ def _launch_torchrun(args) -> int:
 
 def cmd_train(args) -> int:
     from mtp.config import TrainConfig
-    from mtp.distributed import teardown
+    from mtp.distributed import run_then_teardown
     from mtp.tokenizers import get_tokenizer
     from mtp.train import pad_vocab, train
 
@@ -191,10 +191,8 @@ def cmd_train(args) -> int:
         if tcfg.fsdp:
             check_fsdp(saved_mcfg)
         return _launch_torchrun(args)
-    try:
-        res = train(tcfg, mcfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    finally:
-        teardown()
+    res = run_then_teardown(train, tcfg, mcfg, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     summary = {"out": str(res.out), "steps": res.steps, "eval_loss": res.final_eval["loss"],

@@ -9,12 +9,16 @@ per micro-batch, and DDP's hooks would reduce after each of them.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mtp.errors import MTPError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,9 +60,31 @@ def setup(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(synchronize: bool = False) -> None:
+    """Leave the process group. synchronize=True, when every rank got to the end: meet at a
+    barrier first (it also waits for this rank's outstanding collectives), then give gloo's
+    worker threads a moment to release their finished work. A worker thread that releases a
+    collective's tensors while Python is shutting down needs the GIL, cannot have it, and aborts
+    the process ("terminate called without an active exception", SIGABRT): a rank that finished
+    a moment before the others used to die that way."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        dist.barrier()
+        time.sleep(0.05)
+    dist.destroy_process_group()
+
+
+def run_then_teardown(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs), then leave the process group: synchronised when fn returned (every
+    rank does), at once when it raised (the other ranks may never get there)."""
+    try:
+        out = fn(*args, **kwargs)
+    except BaseException:
+        teardown()
+        raise
+    teardown(synchronize=True)
+    return out
 
 
 def broadcast_params(model: torch.nn.Module) -> None:

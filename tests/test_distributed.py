@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mtp.config import ModelConfig
-from mtp.distributed import all_reduce_grads
+from mtp.distributed import all_reduce_grads, teardown
 from mtp.losses import mtp_loss_backward, naive_loss
 from mtp.model import MTPTransformer
 
@@ -44,7 +44,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.all_reduce = real
     grads = {k: p.grad for k, p in model.named_parameters()}
     torch.save({"grads": grads, "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    teardown(synchronize=True)
 
 
 def test_grads_equal_single_process_and_one_reduction(tmp_path):

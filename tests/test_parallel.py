@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import mtp.train as train_mod
 from mtp.config import ModelConfig, TrainConfig
-from mtp.distributed import DistInfo
+from mtp.distributed import DistInfo, run_then_teardown, teardown
 from mtp.losses import mtp_loss_backward, naive_loss
 from mtp.model import MTPTransformer
 from mtp.parallel import load_named_optimizer_state, named_optimizer_state, parallelize
@@ -88,10 +88,9 @@ def _step_worker(rank: int, init_file: str, out_dir: str) -> None:
             "grads": grads, "params": params, "norm": norm, "units": units,
             "sharded": [hasattr(p, "full_tensor") for g in opt.param_groups for p in g["params"]],
             "reduce_scatters": calls.count(rs), "all_reduces": calls.count("all_reduce")}
-    dist.barrier()
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.destroy_process_group()
+    teardown(synchronize=True)
 
 
 @pytest.mark.slow
@@ -200,11 +199,8 @@ def _resume_worker(rank: int, port: int, corpus: str, out: str, resume: bool, cr
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    try:
-        _run(_tcfg(corpus, out, 2, fsdp=True), resume, crash_at)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # both ranks "crash" at the same step, and _run catches that: every rank reaches the teardown
+    run_then_teardown(_run, _tcfg(corpus, out, 2, fsdp=True), resume, crash_at)
 
 
 def _free_port() -> int:

@@ -158,14 +158,12 @@ def _resume_config(args):
 
 def cmd_finetune(args) -> int:
     from mtp.cli import _emit
-    from mtp.distributed import teardown
+    from mtp.distributed import run_then_teardown
     from mtp.train import train
 
     tcfg, mode = _resume_config(args) if args.resume else _fresh_config(args)
-    try:
-        res = train(tcfg, None, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    finally:
-        teardown()
+    res = run_then_teardown(train, tcfg, None, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     model = res.model
