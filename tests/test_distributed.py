@@ -88,3 +88,21 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert one[0] != one[2]  # training moved
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_run_then_teardown_synchronizes_only_when_fn_returned(monkeypatch):
+    """Every rank that returned meets the others at the teardown barrier; a rank that raised leaves
+    at once (the others may never reach a barrier), and the error still propagates."""
+    import mtp.distributed as md
+
+    calls = []
+    monkeypatch.setattr(md, "teardown", lambda synchronize=False: calls.append(synchronize))
+    assert md.run_then_teardown(lambda x, y=0: x + y, 2, y=3) == 5
+    assert calls == [True]
+
+    def boom():
+        raise RuntimeError("rank failed")
+
+    with pytest.raises(RuntimeError, match="rank failed"):
+        md.run_then_teardown(boom)
+    assert calls == [True, False]
