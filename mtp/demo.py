@@ -23,14 +23,20 @@ DEMO_STEPS = 400
 DEMO_TRAIN = dict(batch_size=8, seq_len=256, lr=2e-3, warmup=30, eval_every=100, eval_batches=16,
                   save_every=100, log_every=10, seed=1337)
 DEMO_DECODE = dict(batch_sizes=(1, 4), max_new_tokens=128, prompt_len=64, n_prompts=8)
+# and compiled (`--compile`, where a CPU decodes several times faster) at batch 1, each k: every
+# setting compiles for 30-40 s on 2 cores; ks=() leaves this part out
+DEMO_DECODE_COMPILED = dict(batch_sizes=(1,), ks=(2, 3, 4))
 
 
-def decoding_comparison(model, tokenizer, progress: bool = True) -> dict:
+def decoding_comparison(model, tokenizer, progress: bool = True, compile: bool = False) -> dict:
     """Self-speculative decoding of the n = 4 model against its own greedy decoding, on prompts
-    from the held-out split of the standard library."""
-    n = max(DEMO_DECODE["n_prompts"], *DEMO_DECODE["batch_sizes"])  # every batch size decodes them all
+    from the held-out split of the standard library: eager at every k and DEMO_DECODE's batch
+    sizes, or compiled at DEMO_DECODE_COMPILED's."""
+    sizes, ks = ((DEMO_DECODE_COMPILED["batch_sizes"], DEMO_DECODE_COMPILED["ks"]) if compile
+                 else (DEMO_DECODE["batch_sizes"], None))
+    n = max(DEMO_DECODE["n_prompts"], *sizes)  # every batch size decodes them all
     prompts = corpus_prompts(["stdlib"], tokenizer, n, DEMO_DECODE["prompt_len"])
-    return run_bench(model.eval(), prompts, DEMO_DECODE["batch_sizes"], None, DEMO_DECODE["max_new_tokens"],
+    return run_bench(model.eval(), prompts, sizes, ks, DEMO_DECODE["max_new_tokens"], compile=compile,
                      log=None if progress else (lambda m: None))
 
 
@@ -67,17 +73,25 @@ def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress
     tokens = steps * DEMO_TRAIN["batch_size"] * DEMO_TRAIN["seq_len"]
     decoding = decoding_comparison(runs[4].model, ByteTokenizer(), progress)
     decode_table = format_table(decoding)
-    decode_plot = plot_decoding(decoding, out / "decoding.png", title="n = 4 model: greedy vs self-speculative decoding")
+    compiled = (decoding_comparison(runs[4].model, ByteTokenizer(), progress, compile=True)
+                if DEMO_DECODE_COMPILED["ks"] else None)
+    both = {**decoding, "results": decoding["results"] + [{**r, "compiled": True} for r in
+                                                          (compiled["results"] if compiled else [])]}
+    decode_plot = plot_decoding(both, out / "decoding.png", title="n = 4 model: greedy vs self-speculative decoding")
+    compiled_part = ("" if compiled is None else
+                     f"\nCompiled (`--compile`: on a CPU, C++ kernels with the weights frozen in; on a GPU, "
+                     f"CUDA graphs), the same prompts:\n\n{format_table(compiled)}\n")
     report = (f"# mtp demo\n\nTwo parameter-matched models ({DEMO_MODEL['n_layers']} blocks, dim "
               f"{DEMO_MODEL['dim']}), byte-level, trained {steps} steps ({tokens:,} tokens) each on the "
               f"Python standard library's source; held-out split by file.\n\n{table}\n\n![per-head loss]({plot.name})\n"
               f"\n## Decoding the n = 4 model\n\nPlain greedy against self-speculative decoding with k heads, "
               f"{decoding['max_new_tokens']} new tokens from {DEMO_DECODE['prompt_len']}-byte held-out prompts, "
               f"on {decoding['device']} ({decoding['threads']} threads); `identical`: the speculative output "
-              f"equals greedy.\n\n{decode_table}\n\n![decoding speed]({decode_plot.name})\n")
+              f"equals greedy. Eager:\n\n{decode_table}\n{compiled_part}\n![decoding speed]({decode_plot.name})\n")
     (out / "report.md").write_text(report)
-    result = {"steps": steps, "tokens_per_model": tokens, "models": rows, "table": table + "\n\n" + decode_table,
-              "decoding": decoding, "report": str(out / "report.md"), "plot": str(plot),
+    result = {"steps": steps, "tokens_per_model": tokens, "models": rows,
+              "table": "\n\n".join([table, decode_table] + ([format_table(compiled)] if compiled else [])),
+              "decoding": decoding, "decoding_compiled": compiled, "report": str(out / "report.md"), "plot": str(plot),
               "decoding_plot": str(decode_plot)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

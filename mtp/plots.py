@@ -58,29 +58,42 @@ def plot_head_losses(runs: dict[str, Path], out_png: Path, title: str = "per-hea
 
 def plot_decoding(report: dict, out_png: Path, title: str = "decoding speed") -> Path:
     """From an `mtp bench` report: tokens/s of greedy and of speculative decoding with each k, one
-    group of bars per batch size, each speculative bar labelled with its tokens per forward."""
+    group of bars per batch size, each speculative bar labelled with its tokens per forward. Rows
+    may say `"compiled": true` (reports merged from a compiled and an eager run): they get groups
+    of their own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    batches = sorted({r["batch_size"] for r in rows})
+    compiled = lambda r: bool(r.get("compiled", report.get("compile", False)))  # noqa: E731
+    groups = sorted({(compiled(r), r["batch_size"]) for r in rows})
     ks = sorted({r["k"] for r in rows})
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(batches) * (len(ks) + 1), 4))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * (len(ks) + 1), 4))
     width = 0.8 / (len(ks) + 1)
-    for g, b in enumerate(batches):
-        mine = {r["k"]: r for r in rows if r["batch_size"] == b}
+    labelled = set()  # each legend entry once, where its bars first appear
+
+    def label(name):
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
+    for g, (comp, b) in enumerate(groups):
+        mine = {r["k"]: r for r in rows if r["batch_size"] == b and compiled(r) == comp}
         greedy = next(iter(mine.values()))["greedy_tok_s"]
-        ax.bar(g, greedy, width, color="0.55", label="greedy" if g == 0 else None)
+        ax.bar(g, greedy, width, color="0.55", label=label("greedy"))
         for j, k in enumerate(ks, start=1):
             if k not in mine:
                 continue
             r = mine[k]
             bar = ax.bar(g + j * width, r["spec_tok_s"], width, color=f"C{j - 1}",
-                         label=f"speculative, k = {k}" if g == 0 else None)
+                         label=label(f"speculative, k = {k}"))
             ax.bar_label(bar, [f"{r['tokens_per_forward']:.2f} tok/fwd\n{r['speedup']:.2f}x"], fontsize=7)
-    ax.set_xticks([g + width * len(ks) / 2 for g in range(len(batches))], [f"batch {b}" for b in batches])
+    mixed = len({c for c, _ in groups}) > 1
+    ax.set_xticks([g + width * len(ks) / 2 for g in range(len(groups))],
+                  [f"batch {b}" + (", compiled" if c and mixed else "") for c, b in groups])
     ax.set_ylabel("new tokens / s")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)

@@ -235,11 +235,17 @@ def test_demo_runs_end_to_end_and_plots(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.DEMO_TRAIN, "eval_batches", 1)
     monkeypatch.setitem(demo.DEMO_DECODE, "max_new_tokens", 8)
     monkeypatch.setitem(demo.DEMO_DECODE, "batch_sizes", (1, 2))
+    monkeypatch.setitem(demo.DEMO_DECODE_COMPILED, "ks", (2,))
     result = demo.run_demo(tmp_path / "demo", steps=2, device="cpu", progress=False)
     decoding = result["decoding"]["results"]
     assert [(r["batch_size"], r["k"]) for r in decoding] == [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (2, 4)]
     assert all(r["identical"] for r in decoding)
-    assert "## Decoding the n = 4 model" in (tmp_path / "demo" / "report.md").read_text()
+    compiled = result["decoding_compiled"]
+    assert compiled["compile"] and [(r["batch_size"], r["k"]) for r in compiled["results"]] == [(1, 2)]
+    assert compiled["results"][0]["identical"]
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## Decoding the n = 4 model" in report and "Compiled (`--compile`" in report
+    assert result["table"].count("| batch | k |") == 2  # the eager and the compiled decoding tables
     assert (tmp_path / "demo" / "decoding.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [m["n_future"] for m in result["models"]] == [4, 1]
     assert len(result["models"][0]["heldout_top1_per_head"]) == 4
