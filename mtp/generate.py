@@ -189,17 +189,16 @@ class _Decoder:
         self.round_fn = self._greedy_round
         self.draft_fn = self._sequential_drafts
         self.compiled = cfg.compile
-        # compiled for a CPU, the weights are constants in the code: _decoder_for checks them
-        self.weights = weights_key(model) if cfg.compile and p.device.type == "cpu" else None
+        how, wrap, frozen = _compile_plan(p.device)
+        # weights compiled in as constants (CPU): _decoder_for checks that they have not changed
+        self.weights = weights_key(model) if cfg.compile and frozen else None
         if cfg.compile:
             # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
-            how = dict(mode="reduce-overhead") if p.device.type == "cuda" else dict(options=CPU_COMPILE)
             # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
             state = [self.seq, self.L, self.gen, self.budget, self.active, self.drafts, self.accepted, self.row_steps]
             static = [*self.cache.buffers(), *state] + ([self.h0] if self.h0 is not None else [])
             for t in static + (list(self.stacked.buffers()) if self.stacked is not None else []):
                 torch._dynamo.mark_static_address(t)
-            wrap = _frozen if p.device.type == "cpu" else (lambda fn: fn)
             self.step_fn = wrap(torch.compile(self._forward, dynamic=False, **how))
             self.greedy_fn = wrap(torch.compile(self._greedy_step, dynamic=False, **how))
             self.round_fn = wrap(torch.compile(self._greedy_round, dynamic=False, **how))
@@ -347,6 +346,15 @@ class _Decoder:
 CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True}
 
 
+def _compile_plan(device: torch.device) -> tuple[dict, Callable[[Callable], Callable], bool]:
+    """How a decoder's step functions are compiled on this device: torch.compile's keyword
+    arguments, a wrapper around each compiled function, and whether the weights are compiled in.
+    GPU: CUDA graphs, the weights graph inputs. CPU: CPU_COMPILE, the weights frozen in."""
+    if device.type == "cpu":
+        return dict(options=dict(CPU_COMPILE)), _frozen, True
+    return dict(mode="reduce-overhead"), (lambda fn: fn), False
+
+
 def _frozen(compiled: Callable) -> Callable:
     """Calls compiled (which compiles at its first call) with freezing on, where torch.compile's
     own options cannot reach: dynamo reads it while tracing, to keep parameters in the graph as
@@ -369,8 +377,8 @@ def _decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: G
     # kept on the model, per shape, so that later calls reuse the compiled graphs (and on CUDA
     # the captured graphs, which point at the decoder's own cache buffers)
     per_model = model.__dict__.setdefault("_compiled_decoders", {})
-    frozen = p.device.type == "cpu"  # compiled with the weights as constants (CPU_COMPILE)
-    if key in per_model and frozen and per_model[key].weights != weights_key(model):
+    kept = per_model.get(key)
+    if kept is not None and kept.weights is not None and kept.weights != weights_key(model):
         del per_model[key]  # compiled with weights that have changed since: compile again
     if key not in per_model:
         per_model[key] = _Decoder(model, k, batch, max_len, cfg)

@@ -363,6 +363,28 @@ def test_compiled_decoding_equals_eager(head_type):
         assert out.tokens == refs
 
 
+@pytest.mark.parametrize("head_type", ["causal", "parallel"])
+def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
+    """The GPU's compile plan (weights as graph inputs, mode reduce-overhead, whose CUDA graphs a
+    CPU leaves out) run on a CPU: greedy and sampled tokens equal eager decoding's, so the step
+    graphs that update the decoder's state in place are checked before a GPU ever runs them."""
+    import mtp.generate as G
+
+    monkeypatch.setattr(G, "_compile_plan", lambda device: (dict(mode="reduce-overhead"), lambda fn: fn, False))
+    model = MTPTransformer(trained(head_type).config).eval()  # a copy: it keeps this plan's decoders
+    model.load_state_dict(trained(head_type).state_dict())
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 16) for p in prompts]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3))
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
+    assert out.tokens == refs
+    assert out.stats.forward_passes == eager.stats.forward_passes
+    assert model._compiled_decoders and all(d.weights is None for d in model._compiled_decoders.values())
+    sampled = [generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, temperature=0.8,
+                                                         seed=5, compile=c)).tokens for c in (False, True)]
+    assert sampled[0] == sampled[1]
+
+
 def test_greedy_accept_takes_the_longest_matching_prefix():
     """a = drafts accepted before the first mismatch; the committed tokens are those drafts, then the
     verifier's own token after them (compared with a plain loop over random cases)."""
