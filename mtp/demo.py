@@ -78,9 +78,10 @@ def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress
     both = {**decoding, "results": decoding["results"] + [{**r, "compiled": True} for r in
                                                           (compiled["results"] if compiled else [])]}
     decode_plot = plot_decoding(both, out / "decoding.png", title="n = 4 model: greedy vs self-speculative decoding")
+    compiled_table = format_table(compiled) if compiled else None
     compiled_part = ("" if compiled is None else
                      f"\nCompiled (`--compile`: on a CPU, C++ kernels with the weights frozen in; on a GPU, "
-                     f"CUDA graphs), the same prompts:\n\n{format_table(compiled)}\n")
+                     f"CUDA graphs), the same prompts:\n\n{compiled_table}\n")
     report = (f"# mtp demo\n\nTwo parameter-matched models ({DEMO_MODEL['n_layers']} blocks, dim "
               f"{DEMO_MODEL['dim']}), byte-level, trained {steps} steps ({tokens:,} tokens) each on the "
               f"Python standard library's source; held-out split by file.\n\n{table}\n\n![per-head loss]({plot.name})\n"
@@ -90,7 +91,7 @@ def run_demo(out: Path, steps: int | None = None, device: str = "auto", progress
               f"equals greedy. Eager:\n\n{decode_table}\n{compiled_part}\n![decoding speed]({decode_plot.name})\n")
     (out / "report.md").write_text(report)
     result = {"steps": steps, "tokens_per_model": tokens, "models": rows,
-              "table": "\n\n".join([table, decode_table] + ([format_table(compiled)] if compiled else [])),
+              "table": "\n\n".join([table, decode_table] + ([compiled_table] if compiled else [])),
               "decoding": decoding, "decoding_compiled": compiled, "report": str(out / "report.md"), "plot": str(plot),
               "decoding_plot": str(decode_plot)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
