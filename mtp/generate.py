@@ -343,7 +343,9 @@ class _Decoder:
 # the compiled code as constants (which those kernels need: they are packed once at compile time),
 # and a C++ wrapper calling the kernels instead of Python. Frozen weights do not follow the model:
 # a kept decoder is rebuilt when they change (weights_key).
-CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True}
+CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True,
+               # quiet: no tables of autotuning timings on stderr (mtp logs what it compiles, and for how long)
+               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def _compile_plan(device: torch.device) -> tuple[dict, Callable[[Callable], Callable], bool]:
