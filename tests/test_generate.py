@@ -44,6 +44,14 @@ def trained(head_type: str, n_kv_heads: int = 2) -> MTPTransformer:
     return model.eval()
 
 
+def trained_copy(head_type: str) -> MTPTransformer:
+    """A fresh copy of trained(head_type), for a test that changes it or keeps compiled decoders
+    on it (the cached model is shared by every test)."""
+    model = MTPTransformer(trained(head_type).config).eval()
+    model.load_state_dict(trained(head_type).state_dict())
+    return model
+
+
 def prompts_for(lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [markov_batch(g, 1, n)[0].tolist() for n in lengths]
@@ -340,8 +348,7 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_compiled_decoding_equals_eager(head_type):
     """torch.compile'd decode steps (CUDA graphs on GPU; frozen weights and C++ GEMMs on CPU) give
     the same tokens, a second call reuses the compiled decoder, and changed weights are followed."""
-    model = MTPTransformer(trained(head_type).config).eval()  # a copy: its weights are changed below
-    model.load_state_dict(trained(head_type).state_dict())
+    model = trained_copy(head_type)  # its weights are changed below
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
     eager = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3))
@@ -371,8 +378,7 @@ def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
     import mtp.generate as G
 
     monkeypatch.setattr(G, "_compile_plan", lambda device: (dict(mode="reduce-overhead"), lambda fn: fn, False))
-    model = MTPTransformer(trained(head_type).config).eval()  # a copy: it keeps this plan's decoders
-    model.load_state_dict(trained(head_type).state_dict())
+    model = trained_copy(head_type)  # it keeps this plan's decoders
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
     eager = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3))
