@@ -21,10 +21,13 @@ linear weights in memory) and re-made when a weight changes (in-place updates bu
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+
+from mtp.errors import MTPError
 
 _ATTR = "_mtp_packed_linears"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -37,10 +40,40 @@ def available() -> bool:
         ops, "_linear_pointwise")
 
 
+@functools.cache
+def dtype_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU, asked of oneDNN itself by packing a
+    small weight once: bfloat16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which many AVX2-only
+    CPUs (AMD EPYC before Zen 4, Intel before Ice Lake) lack."""
+    if dtype not in DTYPES or not available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
+
+
 def applies(model: nn.Module) -> bool:
-    """Packing applies to models on the CPU in float32 or bfloat16, on builds that have oneDNN."""
+    """Packing applies to models on the CPU in float32 or bfloat16 (where this CPU packs it), on
+    builds that have oneDNN."""
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype in DTYPES and available()
+    return p.device.type == "cpu" and dtype_supported(p.dtype)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why packing cannot apply to this model here (None where it can)."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"weights are on {p.device.type}, packing is for the CPU"
+    if p.dtype not in DTYPES:
+        return f"weights are {str(p.dtype).removeprefix('torch.')}, packing takes float32 or bfloat16"
+    if not available():
+        return "this torch build has no oneDNN packed linear ops"
+    if not dtype_supported(p.dtype):
+        return (f"this CPU's oneDNN cannot pack {str(p.dtype).removeprefix('torch.')} weights "
+                "(it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
+    return None
 
 
 MIN_BYTES = 64 * 2**20
@@ -57,8 +90,13 @@ def worth_packing(model: nn.Module) -> bool:
 
 def will_pack(model: nn.Module, pack_weights: bool | None, compiled: bool = False) -> bool:
     """Whether decoding packs: not compiled (inductor packs weights itself when freezing),
-    applicable, and asked for (None: when the linear weights take at least MIN_BYTES)."""
-    if compiled or not applies(model):
+    applicable, and asked for (None: when the linear weights take at least MIN_BYTES). Asked for
+    (True) where it cannot apply on this machine: MTPError naming why."""
+    if compiled:
+        return False
+    if not applies(model):
+        if pack_weights and (why := unsupported_reason(model)):
+            raise MTPError(f"--pack-weights on: {why}; use --pack-weights auto or off")
         return False
     return pack_weights if pack_weights is not None else _linear_bytes(model) >= MIN_BYTES
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from mtp import packed
 from mtp.config import ModelConfig
+from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate
 from mtp.model import MTPTransformer
 
@@ -86,12 +87,56 @@ def test_only_models_too_big_for_the_cache_are_packed_by_default(monkeypatch):
 
 
 @torch.no_grad()
-def test_bfloat16_weights_are_packed_too():
+def test_bfloat16_weights_are_packed_where_the_cpu_can():
     model = model_for().to(torch.bfloat16)
     x = torch.randint(0, 24, (2, 9))
     ref = model(x).float()
+    if not packed.dtype_supported(torch.bfloat16):
+        # the probe agrees with oneDNN: packing a bfloat16 weight really fails on this CPU
+        with pytest.raises(RuntimeError, match="bf16"):
+            torch.ops.mkldnn._reorder_linear_weight(model.output.weight, None)
+        with packed.packed_linears(model) as n:
+            assert n == 0
+        pytest.skip("this CPU's oneDNN cannot pack bfloat16 (no AVX-512 BW/VL/DQ or AVX-NE-CONVERT); "
+                    "the fallback is tested in test_packing_falls_back_where_the_cpu_cannot")
     with packed.packed_linears(model) as n:
         assert n > 0
         got = model(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_packing_falls_back_where_the_cpu_cannot(monkeypatch):
+    """A CPU whose oneDNN cannot pack bfloat16 (AVX2 only): auto decodes unpacked with the same
+    tokens, on is refused with a reason, and nothing is packed."""
+    model = model_for(seed=3).to(torch.bfloat16)
+    prompts = [[1, 2, 3], [4]]
+    ref = generate(model, prompts, GenerationConfig(max_new_tokens=8, speculative=2, pack_weights=False))
+    assert packed.will_pack(model_for(), True)  # float32 packs
+    supported = packed.dtype_supported
+    monkeypatch.setattr(packed, "dtype_supported", lambda dtype: dtype != torch.bfloat16 and supported(dtype))
+    monkeypatch.setattr(packed, "MIN_BYTES", 1)  # auto would pack this model if the CPU could
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", None, raising=False)  # packing would crash
+    assert not packed.worth_packing(model) and not packed.will_pack(model, None)
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=8, speculative=2))
+    assert out.tokens == ref.tokens
+    with pytest.raises(MTPError, match="cannot pack bfloat16"):
+        packed.will_pack(model, True)
+    with pytest.raises(MTPError, match="--pack-weights on"):
+        generate(model, prompts, GenerationConfig(max_new_tokens=8, pack_weights=True))
+
+
+def test_the_probe_asks_onednn(monkeypatch):
+    packed.dtype_supported.cache_clear()
+    calls = []
+
+    def refuse(w, *args):
+        calls.append(w.dtype)
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse, raising=False)
+    try:
+        assert not packed.dtype_supported(torch.bfloat16) and calls == [torch.bfloat16]
+        assert not packed.dtype_supported(torch.float64)  # not a packing dtype: oneDNN is not asked
+        assert calls == [torch.bfloat16]
+    finally:
+        packed.dtype_supported.cache_clear()
