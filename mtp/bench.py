@@ -27,7 +27,8 @@ from mtp.packed import will_pack
 def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,
                    progress: bool = False) -> list[list[int]]:
     """n prompts of `length` tokens from the held-out split of a corpus, spread evenly over it,
-    each inside one document (no end-of-text token)."""
+    each inside one document (no end-of-text token), after the tokenizer's start tokens
+    (`bos_ids`, where its convention has them)."""
     from mtp.data import build_token_data
     from mtp.train import default_cache_dir
 
@@ -50,7 +51,8 @@ def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fr
         raise MTPError(f"the held-out split of {list(corpus)} has fewer than {n} documents of {length} tokens "
                        "for prompts: give --prompts or a shorter --prompt-len")
     pick = np.linspace(0, len(starts) - 1, num=n).astype(np.int64)
-    return [val[starts[i]: starts[i] + length].astype(np.int64).tolist() for i in pick]
+    bos = list(getattr(tokenizer, "bos_ids", ()))
+    return [bos + val[starts[i]: starts[i] + length].astype(np.int64).tolist() for i in pick]
 
 
 def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
@@ -72,7 +74,7 @@ def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
             texts.append(line)
     if not texts:
         raise MTPError(f"{p} holds no prompts")
-    return [tokenizer.encode(t) for t in texts]
+    return [tokenizer.encode_prompt(t) for t in texts]
 
 
 def _batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:

@@ -213,14 +213,15 @@ def cmd_info(args) -> int:
     cfg = model.config
     counts = model.param_counts()
     info = {"path": str(meta["path"]), "step": meta.get("step"), "config": cfg.to_dict(),
-            "params": counts, "tokenizer": {"type": tok.name, "vocab_size": tok.vocab_size},
+            "params": counts, "tokenizer": {"type": tok.name, "vocab_size": tok.vocab_size,
+                                            "prompt_start_ids": list(tok.bos_ids)},
             "trunk_blocks": cfg.n_trunk, "head_offsets": cfg.head_offsets}
     lines = [f"checkpoint  {meta['path']} (step {meta.get('step')})",
              f"model       dim {cfg.dim}, {cfg.n_layers} blocks, {cfg.n_heads} attention heads "
              f"({cfg.n_kv_heads} kv), context {cfg.max_seq_len}, vocab {cfg.vocab_size}",
              f"heads       {cfg.n_future} x {cfg.head_type}, offsets {cfg.head_offsets}, "
              f"trunk {cfg.n_trunk} blocks",
-             f"tokenizer   {tok.name} ({tok.vocab_size} ids)",
+             f"tokenizer   {tok.name} ({tok.vocab_size} ids), prompts: {tok.prompt_convention()}",
              "parameters  " + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
     _emit(info, args.json, "\n".join(lines))
     return 0
@@ -331,7 +332,7 @@ def cmd_generate(args) -> int:
     cfg.validate()
     if args.prompts is not None:
         return _generate_batch(model, tok, cfg, args)
-    prompt = tok.encode(text)
+    prompt = tok.encode_prompt(text)
     if cfg.compile and not args.json:
         print("[compiling the decode step; the time below includes it]", file=sys.stderr)
     stream = None if args.json else _Stream(tok, cfg.stop)

@@ -66,10 +66,28 @@ class Tokenizer:
     name: str
     vocab_size: int
     eot_id: int
+    # the ids this tokenizer's convention puts before a prompt (Llama's BOS): none for ours
+    bos_ids: tuple[int, ...] = ()
 
     def encode(self, text: str | bytes) -> list[int]:
         """Ids of ``text``, without any special token."""
         raise NotImplementedError
+
+    def encode_prompt(self, text: str | bytes) -> list[int]:
+        """Ids of a prompt to decode from: ``bos_ids`` (the model family's start tokens), then
+        ``encode(text)``. Training data is encoded without them (documents are separated by
+        the end-of-text token)."""
+        return [*self.bos_ids, *self.encode(text)]
+
+    def prompt_convention(self) -> str:
+        """How prompts start, in words (for `mtp info`)."""
+        if not self.bos_ids:
+            return "no start token"
+        return "starts with " + ", ".join(f"{self.decode_piece(i)!r} (id {i})" for i in self.bos_ids)
+
+    def decode_piece(self, i: int) -> str:
+        """The text of one id, specials included."""
+        return self.decode([i])
 
     def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
         """``encode`` applied to every text (subclasses may do it faster)."""
@@ -152,6 +170,17 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
         if not 0 <= self.eot_id < self.vocab_size:
             raise MTPError(f"{source}: end-of-text id {self.eot_id} outside the vocabulary")
+        self.bos_ids = self._leading_special_ids()
+
+    def _leading_special_ids(self) -> tuple[int, ...]:
+        """What the tokenizer's post-processor puts before a text (its `add_bos_token` setting,
+        as transformers writes it into the pipeline): the ids it adds in front of "x"."""
+        plain = self._tok.encode("x", add_special_tokens=False).ids
+        full = self._tok.encode("x", add_special_tokens=True).ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i : i + len(plain)] == plain:
+                return tuple(full[:i])
+        return ()
 
     @classmethod
     def from_file(cls, path: str | Path, eot_id: int | None = None) -> "BPETokenizer":
@@ -194,6 +223,9 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(_int_array(ids).tolist(), skip_special_tokens=True)
 
+    def decode_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i)) or ""
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         _atomic_write_text(directory / BPE_FILE, self.to_json())
@@ -207,8 +239,9 @@ class BPETokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (e.g. Llama 2's ``tokenizer.model``), through the ``sentencepiece``
     package. ``encode`` adds no bos/eos (SentencePiece's dummy-prefix space is kept, as in Llama);
-    control tokens such as ``</s>`` written inside the text are encoded as ordinary text; the
-    end-of-text id is the model's eos (``</s>``)."""
+    ``encode_prompt`` puts the model's bos (``<s>``) first, as Llama and Meta's multi-token
+    release do when they generate; control tokens such as ``</s>`` written inside the text are
+    encoded as ordinary text; the end-of-text id is the model's eos (``</s>``)."""
 
     name = "sentencepiece"
 
@@ -225,6 +258,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.eot_id = int(eot_id)
         if not 0 <= self.eot_id < self.vocab_size:
             raise MTPError(f"{source}: end-of-text id {self.eot_id} outside the vocabulary")
+        bos = processor.bos_id()
+        self.bos_ids = (int(bos),) if 0 <= bos < self.vocab_size else ()
 
     @staticmethod
     def _module():
@@ -265,6 +300,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         arr = _int_array(ids)
         return self._sp.decode(arr[(arr >= 0) & (arr < self.vocab_size)].tolist())
+
+    def decode_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

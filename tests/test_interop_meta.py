@@ -382,3 +382,32 @@ def test_get_tokenizer_reads_sentencepiece(tmp_path, sp_proto):
     (tmp_path / "bad.model").write_bytes(b"garbage")
     with pytest.raises(MTPError, match="cannot load SentencePiece model"):
         get_tokenizer(tmp_path / "bad.model")
+
+
+def test_meta_prompts_start_with_bos_as_the_release_generates(tmp_path, sp_proto, capsys):
+    """Meta's release generates from encode(prompt, bos=True): `mtp generate` on a release
+    directory gives the greedy tokens of the independent reference forward pass fed <s> + prompt
+    (and not those of the prompt alone), and `mtp info` says so."""
+    d, sd = write_release(tmp_path, sp_proto)
+    sp = spm.SentencePieceProcessor(model_proto=sp_proto)
+    text, n_new = "def fib", 8
+
+    def reference_greedy(ids):
+        ids = list(ids)
+        with torch.no_grad():
+            for _ in range(n_new):
+                ids.append(int(ref_forward(sd, PARAMS, torch.tensor([ids]))[0, -1, 0].argmax()))
+        return ids[-n_new:]
+
+    with_bos, without = reference_greedy([sp.bos_id()] + sp.encode(text)), reference_greedy(sp.encode(text))
+    assert with_bos != without  # the test can tell the two apart
+    for k in ("1", "3"):
+        rc, out, err = run_cli(["generate", d, "--prompt", text, "--max-new-tokens", str(n_new), "--speculative", k,
+                                "--json"], capsys)
+        assert rc == 0, err
+        res = json.loads(out)
+        assert res["tokens"] == with_bos and res["prompt_tokens"] == len(sp.encode(text)) + 1, k
+    rc, out, err = run_cli(["info", d, "--json"], capsys)
+    assert json.loads(out)["tokenizer"]["prompt_start_ids"] == [sp.bos_id()]
+    rc, out, err = run_cli(["info", d], capsys)
+    assert "prompts: starts with '<s>' (id 1)" in out

@@ -210,3 +210,26 @@ def test_train_bpe_errors(tmp_path):
         train_bpe([corpus], vocab_size=100, out_path=tmp_path / "t.json")
     with pytest.raises(MTPError, match="missing.txt"):
         train_bpe([tmp_path / "missing.txt"], vocab_size=300, out_path=tmp_path / "t.json")
+
+
+def test_prompts_follow_each_tokenizers_start_token_convention(tmp_path, bpe):
+    """A Hugging Face tokenizer whose post-processor adds a BOS (add_bos_token, as Llama's) puts
+    it before prompts, not before training text; ours (bytes, trained BPE) put nothing."""
+    from tokenizers.processors import TemplateProcessing
+
+    hf, path = _hf_tokenizer_file(tmp_path / "llama", ["<s>", "</s>"])
+    bos = hf.token_to_id("<s>")
+    hf.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    hf.save(str(path))
+    tok = get_tokenizer(str(path))
+    assert tok.bos_ids == (bos,)
+    assert tok.encode_prompt("some text") == [bos, *tok.encode("some text")]
+    assert bos not in tok.encode("some text")
+    assert "'<s>'" in tok.prompt_convention() and f"id {bos}" in tok.prompt_convention()
+    # a post-processor that appends (eos) but prepends nothing adds no start token
+    hf.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", hf.token_to_id("</s>"))])
+    hf.save(str(path))
+    assert get_tokenizer(str(path)).bos_ids == ()
+    for ours in (ByteTokenizer(), bpe):
+        assert ours.bos_ids == () and ours.encode_prompt("abc") == ours.encode("abc")
+        assert ours.prompt_convention() == "no start token"

@@ -93,7 +93,7 @@ def evaluate_code_task(model, tokenizer, problems: Sequence[dict], opts: EvalOpt
         raise MTPError(f"the {task} task has no problems to run")
     prompts = [p["prompt"] for p in problems]
     check_encodable(tokenizer, prompts, task)
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [tokenizer.encode_prompt(p) for p in prompts]
     ctx = model.config.max_seq_len
     fits = [0 < len(ids) < ctx for ids in encoded]
     too_long = fits.count(False)
