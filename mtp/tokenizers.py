@@ -68,6 +68,8 @@ class Tokenizer:
     eot_id: int
     # the ids this tokenizer's convention puts before a prompt (Llama's BOS): none for ours
     bos_ids: tuple[int, ...] = ()
+    # a Jinja chat template (Hugging Face's `chat_template`, kept from an imported model), or None
+    chat_template: str | None = None
 
     def encode(self, text: str | bytes) -> list[int]:
         """Ids of ``text``, without any special token."""
@@ -111,6 +113,8 @@ class Tokenizer:
 
     def _write_config(self, directory: Path) -> None:
         config = {"type": self.name, "eot_id": self.eot_id, "vocab_size": self.vocab_size}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     def __repr__(self) -> str:
@@ -362,6 +366,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
                 f"corrupt tokenizer config {config_path}: {field} is {config[field]}, "
                 f"the tokenizer has {getattr(tokenizer, field)}"
             )
+    if isinstance(config.get("chat_template"), str):
+        tokenizer.chat_template = config["chat_template"]
     return tokenizer
 
 

@@ -406,7 +406,11 @@ def tokenizer_from_hf(hf_tokenizer, source: str = "<transformers>"):
     eos = hf_tokenizer.eos_token_id
     if eos is None:
         raise MTPError(f"{source}: the tokenizer has no eos token")
-    return BPETokenizer(HFTokenizer.from_str(backend.to_str()), eos, source=source)
+    tok = BPETokenizer(HFTokenizer.from_str(backend.to_str()), eos, source=source)
+    template = getattr(hf_tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        tok.chat_template = template  # kept in the checkpoint's tokenizer_config.json (mtp serve)
+    return tok
 
 
 def load_hf_tokenizer(src: str | Path, gguf_file: str | None = None):
