@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("eval", "sweep", "tasks", "convert", "finetune")
+MODULES = ("eval", "sweep", "tasks", "convert", "finetune", "serve")
 
 
 def add_all(sub) -> None:
