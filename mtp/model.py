@@ -121,13 +121,21 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 class CacheStep:
     """Where a cached forward pass reads and writes: per-row positions (B, T), their rotary
-    tables, and the mask (B, 1, T, kv_len) letting each query see cache positions <= its own."""
+    tables, and the mask (B, 1, T, kv_len) letting each query see cache positions <= its own.
 
-    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_len: int):
+    A token tree (mtp.decode.tree) gives its own cache slots (B, T), where the keys and values are
+    written (distinct per node, while siblings share a rotary position), and its own mask (each
+    node sees the committed slots and its ancestors); without them slots are the positions."""
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_len: int,
+                 slots: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         self.positions, self.kv_len = positions, kv_len
+        self.slots = positions if slots is None else slots
         self.cos, self.sin = cos[positions], sin[positions]  # (B, T, hd/2)
-        keys = torch.arange(kv_len, device=positions.device)
-        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, kv_len)
+        if mask is None:
+            keys = torch.arange(kv_len, device=positions.device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, kv_len)
+        self.mask = mask
 
 
 class Attention(nn.Module):
@@ -151,7 +159,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if kv is not None:  # decoding: attend over the static cache, masked by position
-            k, v = kv.update(step.positions, k, v, step.kv_len)  # (B, Hkv, kv_len, hd)
+            k, v = kv.update(step.slots, k, v, step.kv_len)  # (B, Hkv, kv_len, hd)
             y = cached_attention(q, k, v, step.mask)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:
@@ -416,8 +424,10 @@ class ModelCache(nn.Module):
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.step: CacheStep | None = None
 
-    def at(self, positions: torch.Tensor, kv_len: int | None = None) -> CacheStep:
+    def at(self, positions: torch.Tensor, kv_len: int | None = None, slots: torch.Tensor | None = None,
+           mask: torch.Tensor | None = None) -> CacheStep:
         """Set the positions (B, T) of the next cached calls; attention reads cache positions
-        < kv_len (default: all), which must cover every position given."""
-        self.step = CacheStep(positions, self.rope_cos, self.rope_sin, kv_len or self.max_len)
+        < kv_len (default: all), which must cover every position given. A token tree also gives
+        the slots (B, T) its keys and values go to and its mask (B, 1, T, kv_len) (see CacheStep)."""
+        self.step = CacheStep(positions, self.rope_cos, self.rope_sin, kv_len or self.max_len, slots, mask)
         return self.step

@@ -133,7 +133,7 @@ class StackedHeads(nn.Module):
         qk, v = qkv.split([nh + nkv, nkv], dim=3)
         q, k = apply_rope(qk, step.cos, step.sin).split([nh, nkv], dim=3)  # (H, B, T, heads, hd)
         k, v = (t.reshape(H * B, T, nkv, hd).transpose(1, 2) for t in (k, v))
-        k, v = kv.update(step.positions.repeat(H, 1), k, v, step.kv_len)  # (HB, nkv, kv_len, hd)
+        k, v = kv.update(step.slots.repeat(H, 1), k, v, step.kv_len)  # (HB, nkv, kv_len, hd)
         y = self._attend(q[0].transpose(1, 2), k[:B], v[:B], step.mask).reshape(1, B * T, nh * hd)
         h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo_0.transpose(1, 2))
         h0 = self._ffn(h0, "0").view(B, T, D)
