@@ -15,6 +15,15 @@ Frozen parameters (requires_grad False, e.g. a fine-tuning run that trains only 
 get no gradient: the trunk runs under no_grad when none of its parameters trains, a head whose
 input and parameters all are frozen runs no backward, and the unembedding's gradient is neither
 computed nor written when it is frozen.
+
+Self-distillation (`Distill`, `mtp_loss_backward(..., distill=...)`): head i >= 1 (offset o) is
+also trained towards the model's own next-token distribution for the token it predicts,
+q = softmax(L0[t + o - 1] / temperature), where L0 are the next-token head's logits at position
+t + o - 1 of the same window (detached: the teacher gets no gradient). Head i's objective becomes
+(1 - weight) * CE(corpus) + weight * KL(q || softmax(L_i[t])); the student is at temperature 1
+(what decoding uses), so no T^2 factor. The next-token head keeps its corpus loss. The teacher's
+logits are recomputed chunk by chunk from its normalised hidden states inside the fused loss, so
+at most one head's logits chunk and the teacher's chunk exist at a time.
 """
 
 from __future__ import annotations
@@ -83,6 +92,22 @@ def multi_token_targets(window: torch.Tensor, offsets: list[int]) -> torch.Tenso
     return labels
 
 
+@dataclass(frozen=True)
+class Distill:
+    """Self-distillation of the extra heads (see the module docstring): weight 1 trains them on
+    the teacher alone, 0 on the corpus alone; temperature softens (> 1) or sharpens (< 1) the
+    teacher's distribution."""
+
+    weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.weight) and 0 <= self.weight <= 1):
+            raise MTPError(f"distillation weight must be in [0, 1], got {self.weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise MTPError(f"distillation temperature must be a finite number > 0, got {self.temperature}")
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # weighted total (detached for the memory-efficient path)
@@ -90,18 +115,39 @@ class LossOutput:
     # (n, n) cosine similarity of the heads' gradients at the trunk output, on the device, NaN for
     # heads that do not read the trunk directly or get no gradient (mtp_loss_backward(grad_cosine=True))
     grad_cosine: torch.Tensor | None = None
+    # with distillation: each head's mean KL(teacher || head) (NaN for head 0 and skipped heads);
+    # a distilled head's term in `loss` is (1 - weight) * per_head[i] + weight * per_head_kl[i]
+    per_head_kl: list[float] | None = None
 
 
-def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]) -> LossOutput:
-    """Reference: all heads' logits at once, one autograd graph. Call .loss.backward()."""
+def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float],
+               distill: Distill | None = None) -> LossOutput:
+    """Reference: all heads' logits at once, one autograd graph. Call .loss.backward().
+    With `distill`, the extra heads' terms mix in the KL to the (detached) next-token head's
+    distribution at position t + offset - 1, from the full (B, T, V) logits."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)  # (B, T, n)
     logits = model(x, return_all_heads=True)  # (B, T, n, V)
     ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
     counts = (labels != IGNORE).sum(dim=(0, 1)).clamp(min=1)  # (n,)
     per_head = ce.view(labels.shape).sum(dim=(0, 1)) / counts  # (n,) mean CE of each head
-    total = (per_head * torch.tensor(weights, device=per_head.device)).sum()
-    return LossOutput(total, per_head.detach().tolist())
+    if distill is None:
+        total = (per_head * torch.tensor(weights, device=per_head.device)).sum()
+        return LossOutput(total, per_head.detach().tolist())
+    T = x.shape[1]
+    teacher = logits[:, :, 0].detach().float()  # (B, T, V) next-token logits
+    total = weights[0] * per_head[0]
+    kls = [torch.tensor(float("nan"))]
+    for i, o in enumerate(model.config.head_offsets[1:], start=1):
+        if o > T:
+            kls.append(torch.tensor(float("nan")))
+            continue
+        q_log = F.log_softmax(teacher[:, o - 1 :] / distill.temperature, dim=-1)  # (B, T - o + 1, V)
+        p_log = F.log_softmax(logits[:, : T - o + 1, i].float(), dim=-1)
+        kl = (q_log.exp() * (q_log - p_log)).sum(-1).mean()
+        kls.append(kl.detach())
+        total = total + weights[i] * ((1 - distill.weight) * per_head[i] + distill.weight * kl)
+    return LossOutput(total, per_head.detach().tolist(), per_head_kl=[float(k) for k in kls])
 
 
 # ---- fused unembedding + cross-entropy, chunked over tokens -----------------------------------
@@ -172,10 +218,106 @@ def fused_linear_cross_entropy(
     return ce_sum, dz, dw
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two (c, V) tensors without a (c, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _soft_ce_chunk(zc: torch.Tensor, zt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+                   mix: torch.Tensor, inv_temp: torch.Tensor, scale: torch.Tensor):
+    """One chunk of the distilled loss: student logits zc @ w.T, teacher logits zt @ w.T.
+    Returns (CE sum against the labels, KL(q || p) sum, gradient of
+    scale * sum((1 - mix) * CE + mix * KL) with respect to the student logits). Two (c, V)
+    tensors live at a time: the student's logits (then gradient) and the teacher's q."""
+    valid = labels != IGNORE
+    vf = valid.float()
+    safe = labels.clamp(min=0)
+    q = (zt @ w.T).float().mul_(inv_temp)  # (c, V) teacher logits / T
+    lse_t = torch.logsumexp(q, dim=-1)  # (c,)
+    q.sub_(lse_t[:, None]).exp_()  # q = softmax(teacher / T), in place
+    # sum_v q log q, over column blocks (bounded temporaries)
+    neg_ent = sum(torch.special.xlogy(q[:, j : j + 8192], q[:, j : j + 8192]).sum(-1)
+                  for j in range(0, q.shape[1], 8192))
+    logits = (zc @ w.T).float()  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    ce_sum = ((lse - picked) * vf).sum()
+    kl_sum = ((neg_ent - _rowdot(q, logits) + lse) * vf).sum()  # sum q log q - sum q log p
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    grad.sub_(q.mul_(mix))  # - mix * q
+    grad.scatter_add_(1, safe[:, None], -(1 - mix) * vf[:, None])  # - (1 - mix) * onehot
+    grad.mul_(vf[:, None] * scale)
+    return ce_sum, kl_sum, grad.to(zc.dtype)
+
+
+@functools.cache
+def _compiled_soft_ce_chunk():
+    return torch.compile(_soft_ce_chunk, dynamic=False)
+
+
+def fused_linear_distill_loss(
+    z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float,
+    distill: Distill, chunk: int | None = None, compute_dtype: torch.dtype | None = None, compile: bool = False,
+    dweight: torch.Tensor | None = None, input_grad: bool = True, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """fused_linear_cross_entropy with soft targets: teacher (N, D) holds the normalised hidden
+    states whose logits (teacher @ weight.T, divided by the temperature) give row r's target
+    distribution, aligned with z's rows. Returns (CE sum, KL sum, dz, dweight) of
+    scale * sum((1 - w) * CE + w * KL), chunk by chunk: at most one (chunk, V) block of student
+    logits and one of teacher probabilities exist at a time. The teacher gets no gradient."""
+    cdt = compute_dtype or z.dtype
+    chunk = chunk or min(default_chunk(weight.shape[0]), max(1, -(-z.shape[0] // 2)))
+    w = weight.detach().to(cdt)
+    teacher = teacher.detach()
+    dz = torch.empty_like(z) if input_grad else None
+    dw = None
+    if weight_grad:
+        dw = dweight if dweight is not None else torch.zeros(weight.shape, dtype=torch.float32, device=z.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    kl_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    f32 = dict(dtype=torch.float32, device=z.device)
+    mix, inv_temp, scale_t = (torch.tensor(v, **f32) for v in (distill.weight, 1 / distill.temperature, scale))
+    step = _compiled_soft_ce_chunk() if compile else _soft_ce_chunk
+    with torch.autocast(z.device.type, enabled=False):
+        for s in range(0, z.shape[0], chunk):
+            zc = z[s : s + chunk].to(cdt)
+            ce, kl, g = step(zc, teacher[s : s + chunk].to(cdt), w, labels[s : s + chunk], mix, inv_temp, scale_t)
+            ce_sum += ce
+            kl_sum += kl
+            if dz is not None:
+                dz[s : s + chunk] = (g @ w).to(z.dtype)
+            if dw is not None:
+                dw += (g.T @ zc).float()
+    return ce_sum, kl_sum, dz, dw
+
+
+def teacher_states(model: MTPTransformer, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The next-token head's hidden output (before the shared norm) on trunk output h, without
+    gradient: the self-distillation teacher's states (B, T, D)."""
+    with torch.no_grad():
+        for i in model.next_token_path:
+            h = model.run_head(i, h, tokens)
+    return h
+
+
+def shift_teacher(zt: torch.Tensor, offset: int) -> torch.Tensor:
+    """Teacher rows aligned with a head of the given offset: row t holds zt[t + offset - 1],
+    zeros where that lies past the window. zt (B, T, D) -> (B, T, D)."""
+    if offset == 1:
+        return zt
+    out = torch.zeros_like(zt)
+    T = zt.shape[1]
+    if offset <= T:
+        out[:, : T - offset + 1] = zt[:, offset - 1 :]
+    return out
+
+
 def mtp_loss_backward(
     model: MTPTransformer, window: torch.Tensor, weights: list[float], *,
     chunk: int | None = None, grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
     compile_ce: bool = False, on_backward: Callable[[int], None] | None = None, grad_cosine: bool = False,
+    distill: Distill | None = None, trunk_out: torch.Tensor | None = None,
+    teacher_out: torch.Tensor | None = None,
 ) -> LossOutput:
     """Memory-efficient loss: computes the loss and accumulates grad_scale * d loss / d params
     into .grad (so it composes with gradient accumulation). Same result as naive_loss.
@@ -184,7 +326,11 @@ def mtp_loss_backward(
     the trunk's (FSDP switches gradient reduction on there: mtp.parallel). The unembedding's
     gradient is complete, in .grad, before the trunk's backward starts.
     grad_cosine=True also returns the pairwise cosine similarity of the gradients that the heads
-    reading the trunk output send to it (LossOutput.grad_cosine, on the device: no host sync)."""
+    reading the trunk output send to it (LossOutput.grad_cosine, on the device: no host sync).
+    distill: self-distill the extra heads (module docstring; same result as naive_loss(distill=)).
+    trunk_out / teacher_out: the trunk's output (B, T, D) and the next-token head's hidden output
+    for this window, already computed (a cache of a frozen model: mtp.distill.TrunkCache); they
+    replace the trunk's forward and the teacher's. Only for a frozen trunk."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     n = len(model.parents)
@@ -206,6 +352,10 @@ def mtp_loss_backward(
     B, T = x.shape
     n_valid_by_head = [B * max(T - o + 1, 0) for o in model.config.head_offsets]
     ce_means: dict[int, torch.Tensor] = {}
+    kl_means: dict[int, torch.Tensor] = {}
+    if trunk_out is not None and trunk_trains:
+        raise MTPError("a precomputed trunk output needs a frozen trunk (its parameters get no gradient)")
+    z_teacher = None  # the teacher's normalised states (B, T, D), computed once the trunk has run
 
     def head_ce_grad(i: int, out: torch.Tensor) -> torch.Tensor | None:
         """CE of head i on its hidden output: backward through the shared norm; returns d/d out
@@ -216,11 +366,16 @@ def mtp_loss_backward(
         n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_(out.requires_grad)
         z = model.norm(out_d)  # (B, T, D)
-        ce_sum, dz, _ = fused_linear_cross_entropy(
-            z.detach().reshape(-1, z.shape[-1]), w_compute, lab,
-            scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
-            compile=compile_ce, dweight=dw_total, input_grad=z.requires_grad, weight_grad=out_trains,
-        )
+        common = dict(scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
+                      compile=compile_ce, dweight=dw_total, input_grad=z.requires_grad, weight_grad=out_trains)
+        if distill is not None and i > 0:
+            zt = shift_teacher(z_teacher, model.config.head_offsets[i])
+            ce_sum, kl_sum, dz, _ = fused_linear_distill_loss(
+                z.detach().reshape(-1, z.shape[-1]), zt.reshape(-1, zt.shape[-1]), w_compute, lab,
+                distill=distill, **common)
+            kl_means[i] = kl_sum / max(n_valid, 1)
+        else:
+            ce_sum, dz, _ = fused_linear_cross_entropy(z.detach().reshape(-1, z.shape[-1]), w_compute, lab, **common)
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
         if z.requires_grad:  # the shared norm's weight and/or the head's output
             torch.autograd.backward(z, dz.view_as(z))
@@ -240,8 +395,15 @@ def mtp_loss_backward(
         torch.autograd.backward(out, sum(grads))
         return inp_d.grad
 
-    with nullcontext() if trunk_trains else torch.no_grad():  # a frozen trunk keeps no activations
-        h = model.trunk(x)  # (B, T, D)
+    if trunk_out is not None:
+        h = trunk_out.to(out_weight.dtype)  # (B, T, D), from a cache
+    else:
+        with nullcontext() if trunk_trains else torch.no_grad():  # a frozen trunk keeps no activations
+            h = model.trunk(x)  # (B, T, D)
+    if distill is not None:
+        t_out = teacher_states(model, h, x) if teacher_out is None else teacher_out.to(out_weight.dtype)
+        with torch.no_grad():
+            z_teacher = model.norm(t_out)  # (B, T, D)
     trunk_heads = [c for c in children[TRUNK] if needed[c]]
     by_head = {c: visit(c, h) for c in trunk_heads}
     trunk_grads = [g for g in by_head.values() if g is not None]
@@ -256,10 +418,16 @@ def mtp_loss_backward(
     if trunk_grads:
         torch.autograd.backward(h, sum(trunk_grads))
     # heads with zero weight report NaN (their loss is not computed); one host sync here
-    means = torch.stack([ce_means.get(i, torch.tensor(float("nan"), device=x.device)) for i in range(n)])
-    per_head = means.tolist()
-    total = sum(w * m for w, m in zip(weights, per_head) if w > 0)
-    return LossOutput(torch.tensor(total), per_head, cosine)
+    nan = torch.tensor(float("nan"), device=x.device)
+    means = torch.stack([ce_means.get(i, nan) for i in range(n)] + [kl_means.get(i, nan) for i in range(n)])
+    flat = means.tolist()
+    per_head, per_kl = flat[:n], flat[n:]
+    if distill is None:
+        total = sum(w * m for w, m in zip(weights, per_head) if w > 0)
+        return LossOutput(torch.tensor(total), per_head, cosine)
+    terms = [per_head[0]] + [(1 - distill.weight) * c + distill.weight * k for c, k in zip(per_head[1:], per_kl[1:])]
+    total = sum(w * m for w, m in zip(weights, terms) if w > 0)
+    return LossOutput(torch.tensor(total), per_head, cosine, per_kl)
 
 
 def _grad_cosine(by_head: dict[int, torch.Tensor | None], n: int, h: torch.Tensor) -> torch.Tensor:
