@@ -7,6 +7,7 @@ control); the tree chosen from acceptance and cost; bad input."""
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -302,3 +303,75 @@ def test_an_empty_tree_is_plain_decoding():
     model = trained("parallel")
     out = generate(model, prompts_for([4]), GenerationConfig(max_new_tokens=6, tree=""))
     assert out.stats.k == 1 and out.tokens == [reference_greedy(model, prompts_for([4])[0], 6)]
+
+
+# ---- the command line -----------------------------------------------------------------------
+@pytest.fixture
+def ckpt(tmp_path, corpus):
+    """A random 3-head byte-level model whose training corpus is a small directory of code."""
+    from mtp.checkpoint import save_checkpoint
+    from mtp.tokenizers import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
+                                       multiple_of=16, n_future=3))
+    path = tmp_path / "run" / "checkpoint"
+    save_checkpoint(path, model, ByteTokenizer(), train_config={"corpus": [str(corpus)], "val_fraction": 0.2})
+    return path, model.eval()
+
+
+def cli(capsys, *argv):
+    from mtp.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_and_bench_with_trees(capsys, ckpt):
+    import json
+
+    from mtp.tokenizers import ByteTokenizer
+
+    path, model = ckpt
+    tok = ByteTokenizer()
+    prompt = tok.encode_prompt("def f(x):")
+    greedy = generate(model, [prompt], GenerationConfig(max_new_tokens=12, speculative=1)).tokens[0]
+    for tree in ("0;1;0,0", "auto"):
+        code, out, err = cli(capsys, "generate", path, "--prompt", "def f(x):", "--max-new-tokens", 12, "--tree", tree,
+                             "--tree-max-nodes", 4, "--json")
+        assert code == 0, err
+        assert json.loads(out)["tokens"] == greedy
+    assert "[tree: " in err  # auto says which tree it chose
+    code, out, err = cli(capsys, "bench", path, "--batch-sizes", "1,2", "--k", "2", "--max-new-tokens", 8,
+                         "--prompt-len", 16, "--n-prompts", 2, "--repeats", 1, "--tree", "0;1;0,0", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = report["results"]
+    assert [(r["batch_size"], r.get("tree")) for r in rows] == [(1, None), (1, "0;1;0,0"), (2, None), (2, "0;1;0,0")]
+    for r in rows:
+        assert r["identical"] is True and r["tokens_per_forward"] >= 1 and r["step_cost"] > 0
+        assert r["tokens_per_forward_expected"] >= 1  # acceptance measured on held-out text
+    tree_row = rows[1]
+    assert tree_row["tree_nodes"] == 3 and tree_row["k"] == 3 and tree_row["chain_k"] == 2
+    assert tree_row["tree_vs_chain"] == pytest.approx(tree_row["spec_tok_s"] / rows[0]["spec_tok_s"])
+    code, out, err = cli(capsys, "bench", path, "--batch-sizes", "1", "--k", "2", "--max-new-tokens", 8,
+                         "--prompt-len", 16, "--n-prompts", 1, "--repeats", 1, "--tree", "auto", "--tree-max-nodes", 3)
+    assert code == 0, err
+    assert "| 1 | tree " in out or "tree chosen" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--tree", "0;2,0"], "no parent 2"),
+    (["--tree", "0;0,0", "--speculative", "2"], "2 deep, but only 1 head"),
+    (["--tree", "0", "--compile"], "drop --compile"),
+    (["--tree", "auto", "--compile"], "drop --compile"),
+    (["--tree", "0", "--tree-max-nodes", "0"], "--tree-max-nodes must be at least 1"),
+])
+def test_cli_bad_trees(capsys, ckpt, argv, match):
+    from helpers import assert_one_line_error
+
+    path, _ = ckpt
+    code, out, err = cli(capsys, "generate", path, "--prompt", "x", "--max-new-tokens", 4, *argv)
+    assert_one_line_error(code, err)
+    assert re.search(match, err), err

@@ -342,47 +342,55 @@ def measure_acceptance(model, texts: Sequence[Sequence[int]], max_depth: int, ma
 def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int = 5, context: int = 64,
                       pack_weights: bool | None = None) -> list[float]:
     """cost[T - 1]: the time of a decode step verifying T tokens per row over a plain greedy
-    step's (cost[0] = 1), for T = 1..max_tokens, on the model's device at this batch size: the
-    cached forward pass of the trunk and heads 0..k-1 (the drafting heads at one position per
-    row), the unembedding of the T positions and of the drafting heads, at `context` committed
-    positions. Each the median of `repeats` runs; the sizes take turns within each round."""
+    step's (cost[0] = 1), for T = 1..max_tokens, on the model's device at this batch size: a
+    whole tree step (forward pass of the trunk and heads 0..k-1, acceptance, next candidates,
+    moving keys and values, commit, the transfer to the host) of a tree of T - 1 nodes using the
+    k - 1 drafting heads, after `context` committed positions. Each the median of `repeats`
+    steps; the sizes take turns within each round."""
     from mtp.packed import packed_linears, will_pack
 
-    cfg = GenerationConfig()
     dev = model.output.weight.device
-    context = max(1, min(context, model.config.max_seq_len - max_tokens))
-    max_len = context + max_tokens
+    V, depth = model.config.vocab_size, max(k - 1, 1)
+    steps_run = repeats + 1
+    room = steps_run * (depth + 1) + max_tokens + 1
+    context = max(1, min(context, model.config.max_seq_len - room))
+    max_len = context + room
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V, (batch, context), generator=g).tolist()
+
+    def tree_of(n: int) -> Tree:  # n nodes: a chain through the heads, then more candidates per depth
+        chain = [(0,) * d for d in range(1, depth + 1)]
+        wide = [(0,) * (d - 1) + (r,) for d in range(1, depth + 1) for r in range(1, V)]
+        return Tree(tuple((chain + wide)[:n]))
+
+    def prepared(T: int):
+        cfg = GenerationConfig(max_new_tokens=room)
+        dec = _Decoder(model, 1 if T == 1 else k, batch, max_len, cfg).reset(cfg)
+        dec.start(prompts, [room] * batch)
+        h, extra = dec._forward(dec.seq[:, :context], torch.arange(context, device=dev).expand(batch, -1),
+                                dec.kv_len(context - 1))
+        if T == 1:
+            return dec, lambda: dec.round_fn(dec.kv_len(max_len - 1), None)
+        steps = TreeSteps(dec, tree_of(T - 1))
+        steps.start(extra, dec.L - 1)
+        return dec, lambda: steps.step(dec.kv_len(max_len - 1), None)
+
     was_training = model.training
     model.eval()
     packing = packed_linears(model) if will_pack(model, pack_weights, False) else contextlib.nullcontext()
     try:
         with packing:
-            plain = _Decoder(model, 1, batch, max_len, cfg).reset(cfg)
-            spec = _Decoder(model, k, batch, max_len, cfg).reset(cfg) if k > 1 else plain
-            g = torch.Generator().manual_seed(0)
-            prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
-            for dec in {id(plain): plain, id(spec): spec}.values():
-                dec._forward(prompt, torch.arange(context, device=dev).expand(batch, -1), dec.kv_len(context - 1))
-            rows = torch.arange(batch, device=dev)
-
-            def run(dec, T):
-                tokens = prompt[:, :T] if T <= context else prompt[:, :1].expand(-1, T)
-                pos = context - 1 + torch.arange(T, device=dev).expand(batch, -1)
-                sync()
-                t0 = time.perf_counter()
-                h, extra = dec._forward(tokens, pos, dec.kv_len(context - 1 + T))
-                model.logits(h).argmax(-1)
-                if dec.k > 1:
-                    torch.topk(model.logits(dec.draft_hidden(extra, rows * 0)), 2, dim=-1)
-                sync()
-                return time.perf_counter() - t0
-
-            run(plain, 1), run(spec, max_tokens)  # warm-up
-            times = {T: [] for T in range(1, max_tokens + 1)}
+            runs = {T: prepared(T)[1] for T in range(1, max_tokens + 1)}
+            for fn in runs.values():
+                fn().tolist()  # warm-up
+            times: dict[int, list[float]] = {T: [] for T in runs}
             for _ in range(repeats):
-                for T in times:
-                    times[T].append(run(plain if T == 1 else spec, T))
+                for T, fn in runs.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    fn().tolist()  # the host reads each step's tokens, as generate does
+                    times[T].append(time.perf_counter() - t0)
     finally:
         model.train(was_training)
     med = [statistics.median(times[T]) for T in sorted(times)]
@@ -421,7 +429,7 @@ def choose_tree(acceptance: Sequence[Sequence[float]], cost: Sequence[float], ma
 @dataclass
 class TreeChoice:
     tree: Tree
-    expected_tokens_per_step: float
+    expected_tokens_per_step: float | None  # None: no acceptance measured
     acceptance: list[list[float]]  # [d - 1][r]: head d's rank-r candidate is the verifier's token
     cost: list[float] = field(default_factory=list)  # [T - 1]: a step of T tokens over a plain step
     seconds: float = 0.0  # spent measuring
