@@ -269,6 +269,12 @@ def test_measure_acceptance_counts_what_a_loop_counts():
     assert want[0][0] > 0.2  # the trained heads draft right at some positions
 
 
+def test_non_decreasing_fit():
+    assert T._non_decreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert T._non_decreasing([5.0, 1.0, 1.0]) == pytest.approx([7 / 3] * 3)
+    assert T._non_decreasing([1.0, 2.0]) == [1.0, 2.0]
+
+
 def test_measure_step_cost_is_relative_to_a_greedy_step():
     cost = measure_step_cost(trained("parallel"), batch=2, max_tokens=6, k=3, repeats=2)
     assert len(cost) == 6 and cost[0] == 1.0 and all(c > 0 for c in cost)

@@ -339,7 +339,7 @@ def measure_acceptance(model, texts: Sequence[Sequence[int]], max_depth: int, ma
 
 
 @torch.no_grad()
-def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int = 5, context: int = 64,
+def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int = 9, context: int = 64,
                       pack_weights: bool | None = None) -> list[float]:
     """cost[T - 1]: the time of a decode step verifying T tokens per row over a plain greedy
     step's (cost[0] = 1), for T = 1..max_tokens, on the model's device at this batch size: a
@@ -394,10 +394,20 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
     finally:
         model.train(was_training)
     med = [statistics.median(times[T]) for T in sorted(times)]
-    # a cost never falls with more tokens: noise below a larger size's time is taken as that time
-    for i in range(len(med) - 2, 0, -1):
-        med[i] = min(med[i], med[i + 1])
-    return [1.0] + [t / med[0] for t in med[1:]]
+    # a cost never falls with more tokens: the tree steps' times as the closest non-decreasing curve
+    return [1.0] + [t / med[0] for t in _non_decreasing(med[1:])]
+
+
+def _non_decreasing(xs: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing fit of xs (pool adjacent violators): noise neither way wins."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for x in xs:
+        blocks.append([x, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, n = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += n
+    return [total / n for total, n in blocks for _ in range(int(n))]
 
 
 def choose_tree(acceptance: Sequence[Sequence[float]], cost: Sequence[float], max_nodes: int) -> tuple[Tree, float]:
@@ -441,7 +451,7 @@ class TreeChoice:
 
 
 def auto_tree(model, texts: Sequence[Sequence[int]], batch: int = 1, max_nodes: int = 32, max_depth: int | None = None,
-              max_rank: int = 8, repeats: int = 5, pack_weights: bool | None = None) -> TreeChoice:
+              max_rank: int = 8, repeats: int = 9, pack_weights: bool | None = None) -> TreeChoice:
     """The tree for this model on this device at this batch size: each drafting head's top-c
     acceptance on the texts, the step cost by tokens verified, then choose_tree."""
     if model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead):
