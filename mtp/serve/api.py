@@ -422,6 +422,8 @@ class Server:
         metric("mtp_tokens_per_second", "gauge", "tokens generated per second, last 10 s", [({}, f"{e.tokens_per_s():.3f}")])
         metric("mtp_tokens_per_forward", "gauge", "tokens committed per row per decode step",
                [({}, f"{e.step_tokens / e.row_steps:.4f}" if e.row_steps else "0")])
+        metric("mtp_accepted_drafts_total", "counter", "row steps that accepted head h's draft (h = 2..k)",
+               [({"head": str(j + 2)}, a) for j, a in enumerate(e.accepted)])
         metric("mtp_acceptance_rate", "gauge", "share of row steps accepting head h's draft (h = 2..k)",
                [({"head": str(j + 2)}, f"{a / e.row_steps:.4f}" if e.row_steps else "0") for j, a in enumerate(e.accepted)])
         return "\n".join(lines) + "\n"
