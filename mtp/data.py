@@ -84,6 +84,20 @@ def _walk(directory: Path, suffixes: frozenset[str] | None = None) -> list[Path]
     return found
 
 
+def _unnamed_text(directory: Path) -> list[Path]:
+    """The files a directory walk leaves out only for their names: non-empty, not binary, but
+    without a known text extension or file name (licence files such as ``Apache-2.0``)."""
+    skipped = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if (not name.startswith(".") and not _is_text_name(path) and path.is_file()
+                    and path.stat().st_size > 0 and not _is_binary(path)):
+                skipped.append(path)
+    return sorted(skipped)
+
+
 def stdlib_dir() -> Path:
     """The directory of the running Python's standard library source."""
     return Path(sysconfig.get_paths()["stdlib"])
@@ -113,6 +127,12 @@ def _expand(spec: str) -> list[Path]:
     if path.is_dir():
         files = _walk(path)
         if not files:
+            skipped = _unnamed_text(path)
+            if skipped:
+                names = ", ".join(p.name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+                raise MTPError(f"no files with a known text extension in corpus directory {path}; skipped "
+                               f"{len(skipped)} other text file{'s' if len(skipped) > 1 else ''} ({names}): to take "
+                               f"every file, give a glob in quotes: '{path / '**' / '*'}'")
             raise MTPError(f"no text files in corpus directory {path}")
         return files
     if path.is_file():
@@ -126,8 +146,9 @@ def resolve_corpus(specs: Sequence[str]) -> list[Path]:
     """Resolve corpus specs into a sorted, deduplicated list of absolute text-file paths.
 
     A spec is a directory (searched recursively for text and code files by extension, skipping
-    hidden directories, ``__pycache__`` and binary files), a glob pattern, a file (taken whatever
-    its extension, unless binary), or ``stdlib``: the running Python's standard library ``.py``
+    hidden directories, ``__pycache__`` and binary files; when it has none, the error names the
+    text files it skipped for their names), a glob pattern (the files it matches are taken
+    whatever their extension, unless binary), a file (taken whatever its extension, unless binary), or ``stdlib``: the running Python's standard library ``.py``
     source (without site-packages). MTPError for a missing path, a pattern matching nothing, or a
     corpus without any text.
     """

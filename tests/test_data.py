@@ -97,6 +97,27 @@ def test_resolve_errors_name_the_path(tmp_path, corpus):
         resolve_corpus([])
 
 
+def test_directory_without_known_extensions_names_what_it_skipped(tmp_path):
+    """Licence texts named Apache-2.0 or GPL-2 are skipped by a directory walk (no known
+    extension): the error says so, names them, and gives the glob that takes them."""
+    lic = tmp_path / "licences"
+    write(lic / "Apache-2.0", "Apache License\nVersion 2.0\n" * 10)
+    write(lic / "sub" / "GPL-2", "GNU GENERAL PUBLIC LICENSE\n" * 10)
+    (lic / "blob").write_bytes(b"\0\1\2binary")
+    write(lic / ".hidden", "not counted\n")
+    with pytest.raises(MTPError) as e:
+        resolve_corpus([str(lic)])
+    msg = str(e.value)
+    assert "skipped 2 other text files (Apache-2.0, GPL-2)" in msg and "blob" not in msg and "hidden" not in msg
+    glob = msg.split("'")[-2]
+    assert glob == str(lic / "**" / "*")
+    assert [p.name for p in resolve_corpus([glob])] == ["Apache-2.0", "GPL-2"]
+    (lic / "Apache-2.0").unlink()
+    (lic / "sub" / "GPL-2").unlink()
+    with pytest.raises(MTPError, match=r"no text files in corpus directory .*licences$"):  # only binary left
+        resolve_corpus([str(lic)])
+
+
 def test_resolve_stdlib():
     files = resolve_corpus(["stdlib"])
     assert len(files) > 1000
