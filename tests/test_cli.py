@@ -61,7 +61,7 @@ def test_tokenizer_train_and_use(capsys, tmp_path, corpus):
                            "--tokenizer", tok)
     assert code == 0, err
     code, stdout, _ = run_cli(capsys, "info", tmp_path / "bpe", "--json")
-    assert json.loads(stdout)["tokenizer"] == {"type": "bpe", "vocab_size": vocab}
+    assert json.loads(stdout)["tokenizer"] == {"type": "bpe", "vocab_size": vocab, "prompt_start_ids": []}
 
 
 def _bad_cases(tmp_path, corpus):
