@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mtp.errors import MTPError
+from mtp.fileio import check_writable
 
 
 def _dtype(name: str):
@@ -29,6 +30,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise MTPError(f"{out} exists: pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise MTPError(f"{out} exists and is not a directory")
+    check_writable(out, "OUT", directory=True)  # before the conversion, not after it
 
 
 def _report(args, source: str, out: Path, model, tok, t0: float) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from mtp.errors import MTPError
@@ -28,8 +29,14 @@ def _ks(spec: str | None, n_samples: int) -> tuple[int, ...]:
 def options_from_args(args):
     from mtp.evals import EvalOptions
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise MTPError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    if args.workers < 1:
+        raise MTPError(f"--workers must be at least 1, got {args.workers}")
     extra = {}
-    if args.seq_len is not None:
+    if args.seq_len is not None:  # omitted: training's window length
+        if args.seq_len < 1:
+            raise MTPError(f"--seq-len must be at least 1, got {args.seq_len}")
         extra["seq_len"] = args.seq_len
     if args.max_m is not None:
         extra["max_m"] = args.max_m
@@ -54,6 +61,10 @@ def cmd_eval(args) -> int:
     opts.validate()
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise MTPError(f"{args.out} exists: pass --overwrite to replace it")
+    if args.out:
+        from mtp.fileio import check_writable
+
+        check_writable(args.out, "--out")  # before the evaluation, not after it
     model, tok, meta = _load_for_decoding(args)
     result = run_task(args.task, model, tok, opts, json_meta(meta), progress=not args.json and not args.no_progress)
     result["checkpoint"] = str(args.checkpoint)

@@ -3,9 +3,11 @@ reported with plots (see `mtp.evals.sweep`)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mtp.errors import MTPError
+from mtp.fileio import check_writable
 
 
 def cmd_sweep(args) -> int:
@@ -27,6 +29,8 @@ def cmd_sweep(args) -> int:
         except ValueError:
             raise MTPError(f"--n must be a comma-separated list of integers, got {args.n!r}") from None
         variants = [parse_variant(f"n={n}") for n in ns]
+    if not variants:
+        raise MTPError("--n lists no number of heads")
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -34,6 +38,7 @@ def cmd_sweep(args) -> int:
     if not seeds:
         raise MTPError("--seeds lists no seed")
     out = Path(args.out)
+    check_writable(out, "--out", directory=True)  # also refuses an existing file
     is_sweep = (out / "results.json").exists() or (out / "data").exists() or any(out.glob("*/checkpoint"))
     if out.is_dir() and any(out.iterdir()) and not is_sweep:
         raise MTPError(f"{out} is not empty and not a sweep directory: choose another --out")
@@ -47,8 +52,13 @@ def cmd_sweep(args) -> int:
                       warmup=min(args.warmup, args.steps // 10 + 1), eval_every=args.eval_every,
                       eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
                       device=args.device, tokenizer=args.tokenizer)
+    if args.eval_batch_size < 1:
+        raise MTPError(f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+    if not math.isfinite(args.temperature):
+        raise MTPError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     opts = EvalOptions(n_samples=args.n_samples, temperature=args.temperature, ks=_ks(None, args.n_samples),
                        limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+    opts.validate()  # before any model is trained
     summary = run_sweep(args.task, out, variants, base=base, train_args=train_args, seeds=seeds,
                         corpus=args.corpus, n_train=args.n_train, eval_opts=opts, overwrite=args.overwrite,
                         progress=not args.no_progress)

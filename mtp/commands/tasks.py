@@ -8,7 +8,9 @@ from mtp.evals.taskdata import TASK_NAMES, make_corpus
 
 def cmd_tasks_make(args) -> int:
     from mtp.cli import _emit
+    from mtp.fileio import check_writable
 
+    check_writable(args.out, "--out", directory=True)  # before the documents are made
     summary = make_corpus(args.task, args.out, n_train=args.n_train, seed=args.seed, n_eval=args.n_eval,
                           overwrite=args.overwrite)
     lines = [f"wrote the {args.task} task to {summary['out']}"]
