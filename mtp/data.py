@@ -148,8 +148,9 @@ def resolve_corpus(specs: Sequence[str]) -> list[Path]:
     A spec is a directory (searched recursively for text and code files by extension, skipping
     hidden directories, ``__pycache__`` and binary files; when it has none, the error names the
     text files it skipped for their names), a glob pattern (the files it matches are taken
-    whatever their extension, unless binary), a file (taken whatever its extension, unless binary), or ``stdlib``: the running Python's standard library ``.py``
-    source (without site-packages). MTPError for a missing path, a pattern matching nothing, or a
+    whatever their extension, unless binary), a file (taken whatever its extension, unless
+    binary), or ``stdlib``: the running Python's standard library ``.py`` source (without
+    site-packages). MTPError for a missing path, a pattern matching nothing, or a
     corpus without any text.
     """
     if isinstance(specs, (str, Path)):
