@@ -13,8 +13,9 @@ from mtp.config import ModelConfig
 from mtp.errors import MTPError
 from mtp.evals import EvalOptions, run_task
 from mtp.evals import humaneval, mbpp
-from mtp.evals.code import HUMANEVAL_STOPS, evaluate_code_task, pass_at_k, resolve_ks, truncate_completion
-from mtp.evals.sandbox import run_many
+from mtp.evals.code import (HUMANEVAL_STOPS, evaluate_code_task, pass_at_k, resolve_ks, split_program,
+                             truncate_completion)
+from mtp.evals.sandbox import best_isolation, run_many
 from mtp.generate import GenerationOutput, GenerationStats
 from mtp.model import MTPTransformer
 from mtp.tokenizers import ByteTokenizer
@@ -117,6 +118,7 @@ def test_scoring_plumbing_with_known_completions(monkeypatch):
     assert result["details"][2]["first_failure"]["status"] == "failed"
     assert result["details"][0]["first_failure"] is None
     assert result["statuses"] == {"passed": 6, "failed": 3}
+    assert result["isolation"] == {best_isolation(): 9}  # which sandbox layer ran them
     assert [n for n, _ in fake.calls] == [4, 4, 1]  # 9 samples, 4 at a time
     seeds = [cfg.seed for _, cfg in fake.calls]
     assert len(set(seeds)) == 3 and seeds[0] == 5
@@ -169,3 +171,35 @@ def test_task_end_to_end_on_a_tiny_model(task):
     # a random model writes nonsense: it does not pass, and the failure says why
     assert result["metrics"]["pass@1"] == 0.0
     assert all(d["first_failure"]["status"] in ("failed", "error", "blocked", "timeout") for d in result["details"])
+
+
+@pytest.mark.slow
+def test_every_reference_solution_and_gold_program_passes_in_the_sandbox():
+    """All 164 HumanEval canonical solutions and 500 MBPP gold programs, split as the harness
+    splits them (program, then tests), in the best layer this machine has."""
+    raw, docs = humaneval.load_problems(), mbpp.load_problems()
+    pieces = [split_program(p["program_for"], r["canonical_solution"]) for p, r in zip(humaneval.problems_for(raw), raw)]
+    pieces += [split_program(p["program_for"], d["code"]) for p, d in zip(mbpp.problems_for(docs), docs)]
+    assert len(pieces) == 664 and all(t is not None for _, t in pieces)
+    results = run_many([p for p, _ in pieces], timeout=10, workers=2, tests=[t for _, t in pieces])
+    bad = [(i, r.status, r.detail) for i, r in enumerate(results) if not r.passed]
+    assert bad == [], bad[:10]
+    assert {r.isolation for r in results} == {best_isolation()}
+
+
+def test_the_tests_are_split_from_the_completion(monkeypatch):
+    """The harness runs the tests as their own piece: a completion cannot swallow them."""
+    problem = humaneval.problems_for(humaneval.load_problems()[:1])[0]
+    program, tests = split_program(problem["program_for"], "    return True\n")
+    assert program.endswith("    return True\n") and "def check(" in tests and "def check(" not in program
+    assert program + tests == problem["program_for"]("    return True\n")
+    assert split_program(lambda c: c + c, "x") == ("xx", None)  # not placed exactly once: one piece
+    # a task whose tests end in a triple quote: as one program, the completion's open string
+    # would turn the tests into a string and the sample would pass
+    closing = dict(problem, program_for=lambda c: problem["program_for"](c) + "'''\n")
+    swallow = "    return True\nx = '''\n"
+    assert run_many([closing["program_for"](swallow)])[0].passed  # the old way: a pass
+    monkeypatch.setattr("mtp.generate.generate", FakeGenerate({problem["prompt"]: swallow}))
+    result = evaluate_code_task(tiny_model(), ByteTokenizer(), [closing], EvalOptions(), progress=False, stops=())
+    assert result["metrics"] == {"pass@1": 0.0}
+    assert result["details"][0]["first_failure"]["status"] == "error"

@@ -3,12 +3,22 @@ and a good program run right after it still passes."""
 
 from __future__ import annotations
 
+import base64
 import os
+import pathlib
+import shutil
+import subprocess
 import time
+import uuid
 
 import pytest
 
-from mtp.evals.sandbox import run_many, run_program
+from mtp.evals import sandbox
+from mtp.evals.sandbox import LAYERS, SandboxUnavailable, isolation_status, run_many, run_program
+
+STATUS = isolation_status()
+BEST = next(layer for layer in LAYERS if not STATUS[layer])
+AVAILABLE = [layer for layer in LAYERS if not STATUS[layer]]
 
 GOOD = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok')\n"
 
@@ -73,10 +83,12 @@ def test_infinite_loop_times_out():
     "import os\nwhile True:\n    os.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 100'], {})\n",
 ])
 def test_fork_bomb_is_refused(bomb):
-    r = run_program("import os\nprint('PGID', os.getpgid(0), flush=True)\n" + bomb, timeout=5)
-    assert not r.passed and r.status == "blocked", r
-    pgid = int(r.output.split()[r.output.split().index("PGID") + 1])
-    assert live_in_group(pgid) == []
+    for layer in AVAILABLE:
+        r = run_program("import os\nprint('PGID', os.getpgid(0), flush=True)\n" + bomb, timeout=5, isolation=layer)
+        assert not r.passed and r.status == "blocked", (layer, r)
+        if layer != "bwrap":  # bwrap's pids are another namespace's (and die with it)
+            pgid = int(r.output.split()[r.output.split().index("PGID") + 1])
+            assert live_in_group(pgid) == []
     assert_good_still_passes()
 
 
@@ -102,7 +114,7 @@ def test_whole_process_group_is_killed_even_without_the_audit_hook(tmp_path):
     )
     for src, timeout in ((prog, 5.0), (prog + "time.sleep(60)\n", 1.5)):
         t0 = time.perf_counter()
-        r = run_program(src, timeout=timeout, guard=False)
+        r = run_program(src, timeout=timeout, guard=False, isolation="audit-hook")
         assert time.perf_counter() - t0 < timeout + 2
         assert r.status == ("passed" if timeout == 5.0 else "timeout"), r
         words = r.output.split()
@@ -152,10 +164,16 @@ def test_writing_outside_the_temporary_directory_is_refused(tmp_path):
         # swallowing the refusal does not help
         f"try:\n    open({str(target)!r}, 'w')\nexcept Exception:\n    pass\n",
     ]
-    results = run_many(attempts + [GOOD], timeout=5, workers=2)
-    for src, r in zip(attempts, results):
-        assert not r.passed and r.status == "blocked", (src, r)
-    assert results[-1].passed
+    for layer in AVAILABLE:
+        results = run_many(attempts + [GOOD], timeout=5, workers=2, isolation=layer)
+        for src, r in zip(attempts, results):
+            if layer == "bwrap" and src.startswith("try:"):
+                continue  # our /tmp is not there at all inside bwrap (its /tmp is private): nothing to refuse
+            # ... so there the other writes fail with an OSError, or are refused; as nobody the
+            # kernel may say no before the hook is asked
+            assert not r.passed and r.status in (("blocked",) if layer == "audit-hook" else ("blocked", "error")), \
+                (layer, src, r)
+        assert results[-1].passed
     assert not target.exists() and not target.is_symlink()
     assert keep.read_text() == "mine" and keep_dir.is_dir()
     assert oct(keep.stat().st_mode & 0o777) != oct(0o777)
@@ -168,15 +186,21 @@ def test_writing_inside_the_temporary_directory_works_and_it_is_removed():
            "os.rename('a.txt', 'd/b.txt')\n"
            "assert open('d/b.txt').read() == 'hello'\n"
            "print('CWD', os.getcwd())\n")
-    r = run_program(src)
-    assert r.passed, r
-    cwd = r.output.split()[r.output.split().index("CWD") + 1]
-    assert os.path.basename(cwd).startswith("mtp-sandbox-") and not os.path.exists(cwd)
+    for layer in LAYERS:
+        if STATUS[layer]:
+            continue
+        r = run_program(src, isolation=layer)
+        assert r.passed and r.isolation == layer, r
+        cwd = r.output.split()[r.output.split().index("CWD") + 1]
+        if layer == "bwrap":  # a private tmpfs: nothing of it is visible here
+            assert cwd == sandbox.BOX_DIR
+        else:
+            assert os.path.basename(cwd).startswith("mtp-sandbox-") and not os.path.exists(cwd)
 
 
 def test_disk_use_is_bounded():
     many = run_program("for i in range(1000):\n    open(f'f{i}', 'w').write('x')\n", max_files=32)
-    assert many.status == "blocked" and "more than 32 files" in many.detail
+    assert many.status == "blocked" and "for writing more than 32 times" in many.detail
     big = run_program("open('big', 'w').write('x' * 20 * 2**20)\n", file_mb=8)
     assert not big.passed and big.status == "error" and "File too large" in big.detail
     assert_good_still_passes()
@@ -243,3 +267,213 @@ def test_run_many_keeps_order():
     results = run_many(progs, timeout=5, workers=3)
     assert [r.passed for r in results] == [i % 2 == 0 for i in range(6)]
     assert [r.status for r in results] == ["passed", "failed"] * 3
+
+
+# ---- the operating-system layer, the verdict, and the escapes of issue 13 ------------------------
+
+@pytest.fixture(params=LAYERS)
+def layer(request):
+    """Each isolation layer this machine can run (the fallbacks forced by name); a layer that
+    cannot run here is skipped, saying why."""
+    if STATUS[request.param]:
+        pytest.skip(f"the {request.param} layer cannot run on this machine: {STATUS[request.param]}")
+    return request.param
+
+
+def test_the_best_layer_runs_and_is_reported(monkeypatch):
+    if shutil.which("bwrap"):
+        assert STATUS["bwrap"] == "", STATUS["bwrap"]  # installed: it must work (user namespaces)
+    r = run_program(GOOD)
+    assert r.passed and r.isolation == BEST and r.to_dict()["isolation"] == BEST
+    assert run_program(GOOD, guard=False, isolation="audit-hook").isolation == "none"
+    # where bwrap is missing: "auto" falls back, and asking for it by name says why it cannot
+    monkeypatch.setattr(sandbox, "_bwrap_status", lambda python: (None, "bubblewrap (bwrap) is not installed"))
+    with pytest.raises(SandboxUnavailable, match="not installed"):
+        run_program(GOOD, isolation="bwrap")
+    fallback = run_program(GOOD)
+    assert fallback.passed and fallback.isolation == ("uid" if not STATUS["uid"] else "audit-hook")
+    monkeypatch.setattr(sandbox, "_uid_status", lambda python: (None, "needs root"))
+    assert run_program(GOOD).isolation == "audit-hook"
+    with pytest.raises(ValueError, match="isolation must be"):
+        run_program(GOOD, isolation="docker")
+
+
+def test_tests_run_after_the_program_and_are_compiled_on_their_own(layer):
+    ok = run_program("def f():\n    return 1\n", tests="assert f() == 1\n", isolation=layer)
+    assert ok.passed, ok
+    bad = run_program("def f():\n    return 2\n", tests="\nassert f() == 1\n", isolation=layer)
+    assert bad.status == "failed" and bad.detail == "assert f() == 1", bad
+    # an unclosed string cannot swallow the tests
+    swallow = run_program("def f():\n    return 2\nx = '''\n", tests="assert f() == 1\n'''\n", isolation=layer)
+    assert not swallow.passed and swallow.status == "error" and "SyntaxError" in swallow.detail
+
+
+BENIGN = [
+    "import tempfile, os\nwith tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'x'), 'w').write('1')\n"
+    "    os.mkdir(os.path.join(d, 'sub'))\nassert not os.path.exists(d)\n",
+    "import tempfile\nwith tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\n",
+    "f = open('/dev/stdout', 'w')\nf.write('to stdout\\n')\nf.flush()\nopen('/dev/stderr', 'w').write('to stderr\\n')\n",
+    "import pathlib\np = pathlib.Path('x.txt')\np.write_text('hi')\nassert p.read_text() == 'hi'\np.unlink()\n",
+    "import collections, typing, enum, dataclasses\nP = collections.namedtuple('P', 'a b')\nT = typing.TypeVar('T')\n"
+    "E = enum.Enum('E', 'A B')\n@dataclasses.dataclass\nclass D:\n    x: int = 1\nassert P(1, 2).b == 2 and D().x == 1\n",
+    "import logging\nlogging.warning('logged %d', 1)\n",
+    "import signal\nhits = []\nsignal.signal(signal.SIGALRM, lambda s, f: hits.append(s))\nsignal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+    "import time\nt = time.time()\nwhile not hits and time.time() - t < 2:\n    pass\nassert hits == [signal.SIGALRM]\n",
+    "import shutil, os\nos.makedirs('a/b')\nopen('a/b/c', 'w').write('x')\nshutil.rmtree('a')\nassert not os.path.exists('a')\n",
+]
+
+
+def test_benign_programs_pass(layer):
+    results = run_many(BENIGN, timeout=5, workers=2, isolation=layer)
+    for src, r in zip(BENIGN, results):
+        assert r.passed, (layer, src, r)
+    assert "to stdout" in results[2].output and "to stderr" in results[2].output
+
+
+@pytest.fixture(scope="module")
+def evil_extension(tmp_path_factory):
+    """A C extension whose init calls _exit(0): loaded, it would end the process 'successfully'."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler here to build the extension")
+    d = tmp_path_factory.mktemp("evil")
+    (d / "evil.c").write_text("extern void _exit(int);\nvoid *PyInit_evil(void) { _exit(0); return 0; }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "evil.so"), str(d / "evil.c")], check=True)
+    return base64.b64encode((d / "evil.so").read_bytes()).decode()
+
+
+def forgeries(evil_b64):
+    """Programs that try to pass without the tests passing (the tests always fail)."""
+    return {
+        "real exit saved in __main__": "import __main__\n__main__._real_exit(0)\n",
+        "deny list in __main__ emptied": "import __main__\n__main__._DENY = frozenset()\n__main__._state = {}\n"
+                                         "import os\nos._exit(0)\n",
+        "C extension written here": f"import base64, sys, os\nopen('evil.so', 'wb').write(base64.b64decode({evil_b64!r}))\n"
+                                    "sys.path.insert(0, os.getcwd())\nimport evil\n",
+        "fresh posix via _imp": "import _imp, importlib.machinery as m\n_imp.create_builtin(m.ModuleSpec('posix', None))._exit(0)\n",
+        "reload posix": "import importlib, posix\nimportlib.reload(posix)\nposix._exit(0)\n",
+        "a report line of its own": "import os\nfd = int(open('/proc/self/cmdline').read().split('\\0')[-2])\n"
+                                    "os.write(fd, b'0123456789abcdef0123456789abcdef passed \\n')\nos.write(1, b'WROTE\\n')\n",
+        "frames from a traceback": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    f = e.__traceback__.tb_frame\n"
+                                   "print(f.f_back.f_locals['nonce'])\n",
+        "frames from sys._getframe": "import sys\nprint(sys._getframe(1).f_locals['nonce'])\n",
+        "frames from a signal handler": "import signal, time\nfound = []\n"
+                                        "def h(sig, frame):\n    while frame is not None:\n"
+                                        "        found.extend(k for k in frame.f_locals if k == 'nonce')\n        frame = frame.f_back\n"
+                                        "signal.signal(signal.SIGALRM, h)\nsignal.setitimer(signal.ITIMER_REAL, 0.01)\ntime.sleep(0.1)\n"
+                                        "print('FOUND' if found else 'NOTHING')\n",
+        "a tracer jumping over the tests": "import sys\nsys.settrace(lambda *a: None)\n",
+        "heap walk": "import gc\n[o for o in gc.get_objects() if isinstance(o, dict) and 'nonce' in o]\n",
+        "forged bytecode": "import marshal\nmarshal.loads(marshal.dumps(compile('1', 'x', 'eval')))\n",
+    }
+
+
+def test_the_verdict_cannot_be_forged(layer, evil_extension):
+    cases = forgeries(evil_extension)
+    results = run_many(list(cases.values()), timeout=5, workers=2, isolation=layer,
+                       tests=["assert False, 'the tests ran and failed'\n"] * len(cases))
+    for (name, src), r in zip(cases.items(), results):
+        assert not r.passed, (layer, name, r)
+        assert "nonce" not in r.output.replace("'nonce'", ""), (name, r.output)
+    by = dict(zip(cases, results))
+    assert by["C extension written here"].status == "blocked" and "extension" in by["C extension written here"].detail
+    assert "WROTE" in by["a report line of its own"].output  # it did write: the parent did not believe it
+    assert by["frames from a signal handler"].status == "failed" and "NOTHING" in by["frames from a signal handler"].output
+    # without the audit hook the process can reach a real exit(0), or load the extension: still no pass
+    for src in ("import os\nos._exit(0)\n", cases["C extension written here"]):
+        r = run_program(src, tests="assert False\n", guard=False, isolation=layer)
+        assert not r.passed and r.status == "error" and "before the tests finished" in r.detail, (layer, r)
+
+
+def test_deny_list_in_main_cannot_be_emptied(layer, tmp_path):
+    target = tmp_path / "touched"
+    r = run_program(f"import __main__\n__main__._DENY = frozenset()\n__main__._NO_IMPORT = frozenset()\n"
+                    f"import os\nos.system('touch {target}')\n", isolation=layer)
+    assert r.status == "blocked" and "os.system" in r.detail, r
+    assert not target.exists()
+
+
+def _shm_names():
+    return {p.name for p in pathlib.Path("/dev/shm").iterdir()} if os.path.isdir("/dev/shm") else set()
+
+
+def library_escapes(tmp_path):
+    """(name, program, escaped?) for the ordinary library calls that wrote outside the old sandbox."""
+    tag = uuid.uuid4().hex[:8]
+    db, vac, victim = tmp_path / f"x{tag}.db", tmp_path / f"v{tag}.db", tmp_path / f"hist{tag}"
+    victim.write_text("precious")
+    shm_victim = pathlib.Path(f"/dev/shm/mtp-victim-{tag}")
+    shm_victim.write_text("mine")
+    before = _shm_names()
+    return [
+        ("sqlite3.connect outside", f"import sqlite3\nsqlite3.connect({str(db)!r}).execute('create table t(x)')\n",
+         lambda: db.exists()),
+        ("VACUUM INTO outside", f"import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute('create table t(x)')\n"
+                                f"c.execute(\"VACUUM INTO '{vac}'\")\n", lambda: vac.exists()),
+        ("readline history over a file", f"import readline\nreadline.add_history('x')\n"
+                                         f"readline.write_history_file({str(victim)!r})\n",
+         lambda: victim.read_text() != "precious"),
+        ("shm_open + write", f"import _posixshmem, os\nfd = _posixshmem.shm_open('/mtp-{tag}', os.O_CREAT | os.O_RDWR, 0o600)\n"
+                             "os.write(fd, b'x' * 2**20)\n", lambda: bool(_shm_names() - before - {shm_victim.name})),
+        ("shm_unlink of a file there", f"import _posixshmem\n_posixshmem.shm_unlink('/{shm_victim.name}')\n",
+         lambda: not shm_victim.exists()),
+        ("SemLock", f"import _multiprocessing\n_multiprocessing.SemLock(1, 1, 1, '/mtp-{tag}', False)\n",
+         lambda: bool(_shm_names() - before - {shm_victim.name})),
+    ]
+
+
+def test_library_calls_cannot_write_outside(layer, tmp_path):
+    cases = library_escapes(tmp_path)
+    guards = (True, False) if layer == "bwrap" else (True,)  # bwrap holds them without the hook too
+    try:
+        for guard in guards:
+            results = run_many([src for _, src, _ in cases], timeout=5, workers=2, isolation=layer, guard=guard)
+            for (name, src, escaped), r in zip(cases, results):
+                assert not escaped(), (layer, guard, name, r)
+                if layer != "bwrap":
+                    assert r.status == "blocked", (layer, name, r)
+    finally:
+        for p in pathlib.Path("/dev/shm").glob("*mtp-*"):
+            p.unlink()
+
+
+FILL = ("import os\nn = 0\nkeep = []\ntry:\n    for i in range(100):\n        f = open('f', 'wb')\n"
+        "        f.write(b'x' * 2**20)\n        f.flush()\n        if i % 2:\n            os.rename('f', 'g%d' % i)\n"
+        "            f.close()\n        else:\n            os.unlink('f')\n            keep.append(f)\n        n += 1\n"
+        "finally:\n    print('WROTE', n, flush=True)\n")  # renamed and unlinked-but-open files, 1 MiB each
+
+
+def test_disk_use_is_bounded_in_total(layer):
+    guards = (True, False) if layer == "bwrap" else (True,)
+    for guard in guards:
+        r = run_program(FILL, timeout=10, file_mb=1, disk_mb=8, max_files=32, isolation=layer, guard=guard)
+        words = r.output.split()
+        wrote = int(words[words.index("WROTE") + 1])
+        assert not r.passed, r
+        # the kernel's tmpfs (bwrap), or the hook's count of opens for writing
+        assert wrote <= (8 if not guard else 32), (layer, guard, wrote, r)
+
+
+@pytest.mark.skipif(bool(STATUS["bwrap"]), reason=f"the bwrap layer cannot run here: {STATUS['bwrap']}")
+def test_bwrap_layer_no_network_read_only_root_and_nothing_left_running():
+    tag = f"60.{uuid.uuid4().int % 10**6:06d}"
+    prog = ("import os, socket\n"
+            "print('IFACES', sorted(n for _, n in socket.if_nameindex()), flush=True)\n"
+            "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\nexcept OSError as e:\n    print('NONET', flush=True)\n"
+            "for p in ('/etc/mtp-probe', '/usr/mtp-probe', '/var/mtp-probe'):\n"
+            "    try:\n        open(p, 'w')\n    except OSError as e:\n        print('RO', e.errno, flush=True)\n"
+            "print('UID', os.getuid(), 'PID', os.getpid(), flush=True)\n"
+            f"for _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        os.execv('/bin/sleep', ['sleep', '{tag}'])\n")
+    r = run_program(prog, timeout=5, guard=False, isolation="bwrap")
+    assert r.passed, r
+    assert "IFACES ['lo']" in r.output and "NONET" in r.output and r.output.count("RO 30") == 3, r.output
+    assert f"UID {sandbox.NOBODY}" in r.output
+    time.sleep(0.2)
+    left = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and tag in open(f"/proc/{entry}/cmdline").read():
+                left.append(entry)
+        except OSError:
+            pass
+    assert left == []

@@ -73,7 +73,10 @@ def cmd_eval(args) -> int:
         tmp = Path(str(args.out) + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(args.out)
-    _emit(result, args.json, format_table(result))
+    table = format_table(result)
+    if result.get("isolation"):  # code tasks: which sandbox layer ran the programs
+        table += "\n  sandbox: " + ", ".join(f"{k} ({v} programs)" for k, v in result["isolation"].items())
+    _emit(result, args.json, table)
     return 0
 
 

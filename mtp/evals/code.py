@@ -20,6 +20,12 @@ Choices, documented:
   generated for: its problem counts as unsolved (0 of n correct, status ``prompt_too_long``), the
   count is reported as ``prompts_too_long`` and a warning goes to stderr, so pass@k stays over
   every problem and comparable between models. If no prompt fits at all, that is an MTPError.
+- The sandbox gets the program in two pieces, compiled separately: what comes up to and
+  including the completion, and the tests after it (found by calling ``program_for`` with a
+  marker in place of the completion), so a completion cannot swallow the tests (an unclosed
+  string, say) and a sample passes only when the tests' code ran to its end. The result's
+  ``isolation`` counts the sandbox layer that ran the programs (``bwrap``, ``uid`` or
+  ``audit-hook``; see :mod:`mtp.evals.sandbox`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import numpy as np
 from mtp.errors import MTPError
 from mtp.evals import EvalOptions, check_encodable
 from mtp.evals.sandbox import run_program
+
+_MARKER = "\x00mtp-completion-goes-here\x00"
 
 # Codex (Chen et al. 2021): a HumanEval completion ends where the function body does
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -76,11 +84,21 @@ def truncate_completion(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def split_program(program_for, completion: str) -> tuple[str, str | None]:
+    """(the program up to and including the completion, the tests after it) for the sandbox;
+    (the whole program, None) when program_for does not place the completion exactly once."""
+    shape = program_for(_MARKER)
+    if shape.count(_MARKER) != 1:
+        return program_for(completion), None
+    head, tail = shape.split(_MARKER)
+    return head + completion, tail
+
+
 def evaluate_code_task(model, tokenizer, problems: Sequence[dict], opts: EvalOptions, progress: bool = True,
                        *, task: str = "code", stops: Sequence[str] = HUMANEVAL_STOPS) -> dict:
     """Sample, execute and score; see the module's docstring. Returns the task's result dict:
     metrics (pass@k), n_problems, n_samples, prompts_too_long, statuses (sandbox outcomes of all
-    samples), generation (decoding figures) and details (one entry per problem)."""
+    samples), isolation (sandbox layer -> programs it ran), generation (decoding figures) and details (one entry per problem)."""
     from mtp.generate import GenerationConfig, generate
 
     opts.validate()
@@ -137,7 +155,8 @@ def evaluate_code_task(model, tokenizer, problems: Sequence[dict], opts: EvalOpt
                 for (i, j), text in zip(batch, out.texts):
                     completion = truncate_completion(text, stops)
                     completions[i, j] = completion
-                    fut = pool.submit(run_program, problems[i]["program_for"](completion), opts.timeout)
+                    program, tests = split_program(problems[i]["program_for"], completion)
+                    fut = pool.submit(run_program, program, opts.timeout, tests=tests)
                     fut.add_done_callback(executed)
                     futures[i, j] = fut
                 if bars:
@@ -149,7 +168,7 @@ def evaluate_code_task(model, tokenizer, problems: Sequence[dict], opts: EvalOpt
             for bar in bars:
                 bar.close()
 
-    details, statuses = [], Counter()
+    details, statuses, isolation = [], Counter(), Counter(r.isolation for r in results.values())
     per_k = {k: [] for k in ks}
     for i, problem in enumerate(problems):
         if not fits[i]:
@@ -174,6 +193,7 @@ def evaluate_code_task(model, tokenizer, problems: Sequence[dict], opts: EvalOpt
         "n_samples": n,
         "prompts_too_long": too_long,
         "statuses": dict(sorted(statuses.items())),
+        "isolation": dict(sorted(isolation.items())),
         "generation": {"new_tokens": new_tokens, "seconds": round(gen_seconds, 3),
                        "tokens_per_forward": round(new_tokens / max(forwards, 1e-9), 4) if new_tokens else 0.0},
         "details": details,

