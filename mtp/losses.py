@@ -232,12 +232,11 @@ def _soft_ce_chunk(zc: torch.Tensor, zt: torch.Tensor, w: torch.Tensor, labels: 
     valid = labels != IGNORE
     vf = valid.float()
     safe = labels.clamp(min=0)
-    q = (zt @ w.T).float().mul_(inv_temp)  # (c, V) teacher logits / T
-    lse_t = torch.logsumexp(q, dim=-1)  # (c,)
-    q.sub_(lse_t[:, None]).exp_()  # q = softmax(teacher / T), in place
-    # sum_v q log q, over column blocks (bounded temporaries)
-    neg_ent = sum(torch.special.xlogy(q[:, j : j + 8192], q[:, j : j + 8192]).sum(-1)
-                  for j in range(0, q.shape[1], 8192))
+    t = (zt @ w.T).float().mul_(inv_temp)  # (c, V) teacher logits / T
+    lse_t = torch.logsumexp(t, dim=-1)  # (c,)
+    q = torch.sub(t, lse_t[:, None]).exp_()  # (c, V) softmax(teacher / T)
+    neg_ent = _rowdot(q, t) - lse_t  # sum_v q log q
+    del t  # freed before the student's logits exist: two (c, V) blocks at a time
     logits = (zc @ w.T).float()  # (c, V)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, safe[:, None]).squeeze(1)

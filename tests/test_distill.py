@@ -135,3 +135,105 @@ def test_distill_rejects_bad_settings():
     window = windows(2, 8)
     with pytest.raises(MTPError, match="frozen trunk"):
         mtp_loss_backward(model, window, [1.0] * 4, trunk_out=model.trunk(window[:, :-1]).detach())
+
+
+# ---- the trunk cache ------------------------------------------------------------------------
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from mtp.cli import main  # noqa: E402
+from mtp.distill import TrunkCache, pool_indices, pool_windows, window_pool  # noqa: E402
+from tests.test_finetune import ft_config, rows, source  # noqa: E402,F401  (source: a fixture)
+
+
+def test_pool_indices_cover_every_window_once_per_epoch():
+    N, B = 10, 3
+    seen = np.concatenate([pool_indices(N, B, seed=1, step=s) for s in range(10)])  # 30 draws: 3 epochs
+    for e in range(3):
+        assert sorted(seen[e * N : (e + 1) * N]) == list(range(N))
+    assert not np.array_equal(seen[:N], seen[N : 2 * N])  # each epoch in its own order
+    # micro-batches and ranks take consecutive slices of the same walk
+    a = pool_indices(N, B, seed=1, step=1, micro=1, grad_accum=2, rank=1, world_size=2)
+    assert np.array_equal(a, np.concatenate([pool_indices(N, B, seed=1, step=s) for s in range(10)])[21:24])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_cached_states_give_the_uncached_loss_and_grads(tmp_path, dtype, tol):
+    model = make(head_type="parallel")
+    apply_freeze(model, "trunk")
+    tokens = windows(1, 200, seed=4)[0].numpy()
+    starts = window_pool(tokens, 6, 12, seed=0)
+    cache = TrunkCache(tmp_path, model, tokens, starts, 12, teacher=True, dtype=dtype)
+    idx = np.array([4, 1, 3])
+    batch = pool_windows(tokens, starts, idx, 12)
+    w, d = [0.0, 1.0, 1.0, 1.0], Distill(weight=0.5, temperature=1.5)
+    ref, g_ref = run(model, lambda: mtp_loss_backward(model, batch, w, distill=d))
+    h, t = cache.states(model, idx, batch)  # computed and written
+    assert (cache.hits, cache.misses) == (0, 3)
+    h2, t2 = cache.states(model, idx, batch)  # read back
+    assert (cache.hits, cache.misses) == (3, 3) and torch.equal(h, h2) and torch.equal(t, t2)
+    # a new cache object on the same directory finds the states (a later run)
+    again = TrunkCache(tmp_path, model, tokens, starts, 12, teacher=True, dtype=dtype)
+    again.states(model, np.array([1]), batch[1:2])
+    assert (again.hits, again.misses) == (1, 0)
+    got, g_got = run(model, lambda: mtp_loss_backward(model, batch, w, distill=d, trunk_out=h2, teacher_out=t2))
+    assert_close(got.loss, ref.loss, rtol=tol, atol=tol)
+    if dtype == "float32":
+        assert_grads_close(g_got, g_ref)
+    else:  # bfloat16 storage: each gradient within a relative norm error the rounding implies
+        trained = [n for n, g in g_ref.items() if g is not None]
+        assert trained and all(g_got[n] is not None for n in trained)
+        errs = {n: float((g_got[n] - g_ref[n]).norm() / g_ref[n].norm()) for n in trained}
+        assert max(errs.values()) < tol, errs
+    if dtype == "bfloat16":  # the storage rounding is real, and bounded by the tolerance above
+        assert not torch.equal(h2.float(), model.trunk(batch[:, :-1]).detach())
+    # other weights: another cache directory
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.add_(0.01)
+    assert TrunkCache(tmp_path, model, tokens, starts, 12, teacher=True, dtype=dtype).dir != cache.dir
+
+
+def test_training_from_the_cache_repeats_the_computed_run(corpus, tmp_path, source):
+    """Run 1 computes the trunk states (first epoch) and reads them (later epochs); run 2, with
+    the cache already filled, reads every window: the same losses (float32 storage)."""
+    kw = dict(freeze="trunk", distill=True, distill_weight=0.5, trunk_cache_windows=4,
+              trunk_cache_dtype="float32", steps=6, init_n_future=3)
+    from mtp.train import train
+    train(ft_config(corpus, tmp_path / "a", source, **kw), progress=False)
+    train(ft_config(corpus, tmp_path / "b", source, **kw), progress=False)
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["trunk_cache"] for r in a][-1] == {"hits": 8, "misses": 4}  # 12 windows drawn, 4 computed
+    assert [r["trunk_cache"] for r in b][-1] == {"hits": 12, "misses": 0}
+    assert_close(torch.tensor([r["per_head"][1:] for r in b]), torch.tensor([r["per_head"][1:] for r in a]),
+                 rtol=1e-6, atol=1e-6)
+    assert_close(torch.tensor([r["per_head_kl"][1:] for r in b]), torch.tensor([r["per_head_kl"][1:] for r in a]),
+                 rtol=1e-6, atol=1e-6)
+    assert all(r["per_head_kl"][0] is None and r["per_head_kl"][1] > 0 for r in a)
+
+
+def test_finetune_cli_distill_flags(corpus, tmp_path, capsys):
+    n1 = tmp_path / "n1"
+    common = ["--steps", "2", "--batch-size", "2", "--seq-len", "24", "--eval-batches", "1", "--device", "cpu",
+              "--no-progress"]
+    assert main(["train", str(corpus), "--out", str(n1), "--preset", "tiny", "--n-future", "1", "--dim", "32",
+                 "--n-layers", "3", "--max-seq-len", "64", "--eval-every", "0", *common]) == 0
+    capsys.readouterr()
+    out = tmp_path / "kd"
+    assert main(["finetune", str(n1), "--out", str(out), "--n-future", "3", "--mode", "heads", "--distill",
+                 "--distill-weight", "0.8", "--distill-temperature", "2", "--trunk-cache-windows", "3",
+                 "--json", *common]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["distill"] == {"weight": 0.8, "temperature": 2.0} and summary["trunk_cache_windows"] == 3
+    assert rows(out)[-1]["per_head_kl"][1] > 0
+    bad = [
+        (["--n-future", "3", "--mode", "full", "--distill"], "--mode heads"),
+        (["--n-future", "3", "--distill-weight", "0.5"], "need --distill"),
+        (["--n-future", "3", "--distill", "--distill-weight", "2"], "distill_weight"),
+        (["--n-future", "3", "--mode", "full", "--trunk-cache-windows", "4"], "--mode heads"),
+    ]
+    for extra, match in bad:
+        assert main(["finetune", str(n1), "--out", str(tmp_path / "x"), *extra, *common]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, (extra, err)
+    assert not (tmp_path / "x").exists()

@@ -5,6 +5,8 @@
         --extra-weight-warmup 200                                               # Medusa-2 / DeepSeek
     mtp finetune runs/n1 --out runs/n1-matched --n-future 4 --layout matched  # parameter-matched
     mtp finetune runs/n4 --out runs/n4-ntp --n-future 1                         # n = 4 -> n' = 1
+    mtp finetune runs/n1 --out runs/n1-kd --n-future 4 --mode heads --distill \
+        --trunk-cache-windows 2000                        # heads learn the model's own predictions
 
 The run is the ordinary training loop (mtp.train) started from the checkpoint's weights and
 tokenizer (TrainConfig.init_from); the result is a normal checkpoint in DIR/checkpoint.
@@ -39,8 +41,13 @@ _TRAIN_FLAGS = {
     "log_every": (int, None),
     "seed": (int, None),
     "val_fraction": (float, "held-out share of the corpus (default: the checkpoint's)"),
+    "distill_weight": (float, "with --distill: W in (1 - W) * corpus CE + W * KL to the teacher (default 1)"),
+    "distill_temperature": (float, "with --distill: the teacher's softmax temperature (default 1)"),
+    "trunk_cache_windows": (int, "--mode heads: draw batches from a fixed pool of N training windows (epochs) and "
+                                 "cache the frozen trunk's states on disk, so later epochs skip the trunk"),
+    "trunk_cache_dtype": (str, "storage of the trunk cache: bfloat16 (default), float16, float32"),
 }
-_SWITCHES = ("compile", "activation_checkpointing", "log_grad_cosine", "fsdp")
+_SWITCHES = ("compile", "activation_checkpointing", "log_grad_cosine", "fsdp", "distill")
 
 
 def add_parser(sub) -> None:
@@ -66,6 +73,9 @@ def add_parser(sub) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile each block")
     t.add_argument("--activation-checkpointing", action="store_true")
     t.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of data parallel (--mode full)")
+    h.add_argument("--distill", action="store_true",
+                   help="--mode heads: train head i towards the frozen next-token head's distribution at "
+                        "t+i-1 (self-distillation; mixed with the corpus loss by --distill-weight)")
     t.add_argument("--log-grad-cosine", action="store_true",
                    help="log the cosine similarity of the heads' gradients at the trunk output")
     t.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
@@ -112,6 +122,13 @@ def _fresh_config(args):
     if args.fsdp and freeze == "trunk":
         raise MTPError("--mode heads (a frozen trunk) is not supported with --fsdp: use data parallel or --mode full")
     check_freeze(cfg, freeze)
+    if args.distill and freeze != "trunk":
+        raise MTPError(f"--distill trains the extra heads towards the frozen model's own predictions: it needs "
+                       f"--mode heads (this run is mode {mode})")
+    if freeze != "trunk" and args.trunk_cache_windows:
+        raise MTPError(f"--trunk-cache-windows caches a frozen trunk: it needs --mode heads (this run is mode {mode})")
+    if not args.distill and (args.distill_weight is not None or args.distill_temperature is not None):
+        raise MTPError("--distill-weight and --distill-temperature need --distill")
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     steps = given.get("steps", 1000)
     seq_len = given.get("seq_len") or cfg.max_seq_len
@@ -172,7 +189,10 @@ def cmd_finetune(args) -> int:
     summary = {"out": str(res.out), "from": tcfg.init_from, "n_future": cfg.n_future, "n_layers": cfg.n_layers,
                "layout": tcfg.init_layout, "mode": mode, "trainable_params": trainable, "steps": res.steps,
                "eval_loss": res.final_eval["loss"], "eval_acc": res.final_eval["acc"],
-               "train_loss": res.train_loss, "tokens_per_s": res.tokens_per_s}
+               "train_loss": res.train_loss, "tokens_per_s": res.tokens_per_s,
+               "distill": ({"weight": tcfg.distill_weight, "temperature": tcfg.distill_temperature}
+                           if tcfg.distill else None),
+               "trunk_cache_windows": tcfg.trunk_cache_windows}
     lines = [f"fine-tuned {tcfg.init_from} for {res.steps} steps ({cfg.n_future} heads, {tcfg.init_layout}, "
              f"mode {mode}, {trainable:,} parameters trained) -> {res.out / 'checkpoint'}",
              "held-out loss per head: " + ", ".join(f"{x:.4f}" for x in res.final_eval["loss"]),
