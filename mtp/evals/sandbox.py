@@ -9,7 +9,7 @@ use it). Each program gets, in layers:
    - ``"bwrap"``: `bubblewrap <https://github.com/containers/bubblewrap>`_ (Debian package
      ``bubblewrap``) puts the interpreter in new user, mount, pid, network, IPC, UTS and cgroup
      namespaces, as uid 65534 with no capabilities and no way to make further user namespaces:
-     the whole file system read-only, a fresh ``/proc`` and minimal ``/dev``, and three private
+     the whole file system read-only, a fresh ``/proc`` and minimal ``/dev``, and two private
      size-limited tmpfs (``/tmp``, holding the working directory ``/tmp/mtp-sandbox``, and
      ``/dev/shm``; ``disk_mb`` each), so what a program can write at all, and how much of it
      (renamed, unlinked-but-open, in shared memory: all of it counts), is bounded by the kernel,
