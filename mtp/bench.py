@@ -60,16 +60,23 @@ def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
     p = Path(path)
     if not p.is_file():
         raise MTPError(f"prompt file not found: {p}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MTPError(f"cannot read prompt file {p}: {e}") from None
     texts = []
-    for i, line in enumerate(p.read_text().splitlines()):
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
             try:
                 row = json.loads(line)
-                texts.append(row["prompt"] if "prompt" in row else row["text"])
+                text = row["prompt"] if "prompt" in row else row["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+                texts.append(text)
             except (ValueError, KeyError, TypeError):
-                raise MTPError(f"{p}:{i + 1}: expected a JSON object with a 'prompt' or 'text' field") from None
+                raise MTPError(f"{p}:{i + 1}: expected a JSON object with a 'prompt' or 'text' string field") from None
         else:
             texts.append(line)
     if not texts:
@@ -128,6 +135,26 @@ def hf_greedy(hf_model, prompts: list[list[int]], max_new: int) -> tuple[list[li
     return out[:, T:].tolist(), time.perf_counter() - t0
 
 
+DEFAULT_PROMPT_LEN, DEFAULT_NEW_TOKENS = 64, 128  # `mtp bench` without --prompt-len / --max-new-tokens
+
+
+def default_prompt_len(context: int, start_tokens: int, max_new_tokens: int | None) -> int:
+    """Tokens per corpus prompt when --prompt-len is not given: DEFAULT_PROMPT_LEN, or less where
+    that, the tokenizer's start tokens and the new tokens (DEFAULT_NEW_TOKENS when not given
+    either) would not fit the model's context: a third of it then, or what a given
+    --max-new-tokens leaves (at least 1; a request that cannot fit is refused later)."""
+    room = context - start_tokens
+    if DEFAULT_PROMPT_LEN + (max_new_tokens or DEFAULT_NEW_TOKENS) <= room:
+        return DEFAULT_PROMPT_LEN
+    return max(1, room // 3 if max_new_tokens is None else room - max_new_tokens)
+
+
+def default_new_tokens(context: int, longest_prompt: int) -> int:
+    """New tokens when --max-new-tokens is not given: DEFAULT_NEW_TOKENS, or what the longest
+    prompt leaves of the model's context (at least 1)."""
+    return max(1, min(DEFAULT_NEW_TOKENS, context - longest_prompt))
+
+
 def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None) -> list[int]:
     """The k values to run (default 2..all usable heads); MTPError for impossible ones."""
     usable = usable_heads(model)
@@ -144,10 +171,14 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
               max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3,
-              pack_weights: bool | None = None) -> dict:
+              pack_weights: bool | None = None, tree=None, tree_texts: Sequence[Sequence[int]] | None = None,
+              tree_max_nodes: int = 32) -> dict:
     """Greedy and speculative tokens/s for each batch size and k, over every prompt in batches of
     that size, each the best of `repeats` timed runs after a warm-up (the fastest run is the one
     least disturbed by the machine; the settings take turns within each round).
+    tree: also a token tree (mtp.decode.tree) in the same rounds, beside the chains: a Tree or
+    its spec, or "auto" (chosen per batch size from the heads' acceptance on tree_texts and the
+    step cost measured here, mtp.decode.tree.auto_tree).
     Returns {"results": [...], ...}."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     ks = check_bench_args(model, batch_sizes, ks)
@@ -160,7 +191,15 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     if repeats < 1:
         raise MTPError("repeats must be at least 1")
 
+    if tree is not None and compile:
+        raise MTPError("tree decoding runs eagerly: drop --compile to use --tree")
+    chosen = {}  # batch size -> mtp.decode.tree.TreeChoice
+
     def run(batches, k) -> _Pass:
+        if k == "tree":  # the tree chosen for this batch size
+            t = chosen[len(batches[0])].tree
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=t, pack_weights=pack_weights)
+            return _sum_passes([generate(model, batch, cfg) for batch in batches], t.depth + 1)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights)
         return _sum_passes([generate(model, batch, cfg) for batch in batches], k)
 
@@ -171,7 +210,12 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     results = []
     for b in batch_sizes:
         batches = _batches(prompts, b)
-        for k in [1, *ks]:
+        settings = [1, *ks]
+        if tree is not None:
+            chosen[b] = _tree_choice(model, tree, tree_texts, b, tree_max_nodes, pack_weights, log)
+            if chosen[b].tree.size:
+                settings.append("tree")
+        for k in settings:
             if compile:
                 log(f"batch {b}, k={k}: compiling the decode step...")
             t0 = time.perf_counter()
@@ -179,7 +223,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             if compile:
                 log(f"batch {b}, k={k}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
         # the settings take turns, so that a slower spell of the machine hits them alike
-        timed = {k: [] for k in [1, *ks]}
+        timed = {k: [] for k in settings}
         for _ in range(repeats):
             for k in timed:
                 timed[k].append(run(batches, k))
@@ -206,12 +250,73 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             log(f"batch {b}, k={k}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
                 f"{s.tokens_per_forward:.2f} tokens/forward, a step costs {results[-1]['step_cost']:.2f} greedy steps, "
                 f"identical: {results[-1]['identical']}")
+            if b in chosen and chosen[b].acceptance:  # what the measured acceptance expects of the chain
+                from mtp.decode.tree import Tree
+
+                results[-1]["tokens_per_forward_expected"] = Tree.chain(k - 1).expected_tokens(chosen[b].acceptance)
+        if b in chosen:
+            results.append(_tree_row(row, chosen[b], timed.get("tree"), greedy, greedy_step,
+                                     [r for r in results if r["batch_size"] == b]))
+            log(_tree_line(results[-1]))
     return {"max_new_tokens": max_new_tokens, "n_prompts": len(prompts),
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
             "packed_weights": will_pack(model, pack_weights, compile),
+            **({"trees": {str(b): c.to_dict() for b, c in chosen.items()}} if chosen else {}),
             "results": results}
+
+
+def _tree_choice(model, tree, texts, batch: int, max_nodes: int, pack_weights, log):
+    """The TreeChoice of a bench's tree at this batch size: measured ("auto") or given."""
+    from mtp.decode.tree import Tree, TreeChoice, auto_tree, measure_acceptance
+
+    if isinstance(tree, str) and tree.strip() == "auto":
+        if not texts:
+            raise MTPError("--tree auto needs held-out text to measure the heads' acceptance on")
+        choice = auto_tree(model, texts, batch=batch, max_nodes=max_nodes, pack_weights=pack_weights)
+        log(f"batch {batch}: tree chosen in {choice.seconds:.1f} s: {choice.tree.size} nodes, depth "
+            f"{choice.tree.depth} ({choice.tree.spec() or 'none: plain decoding pays best'}), expecting "
+            f"{choice.expected_tokens_per_step:.2f} tokens per step at "
+            f"{choice.cost[choice.tree.size]:.2f} greedy steps per step")
+        return choice
+    t = Tree.parse(tree)
+    if not texts or not t.size:
+        return TreeChoice(t, None, [], [])
+    acceptance = measure_acceptance(model, texts, t.depth, t.ranks_needed())
+    return TreeChoice(t, t.expected_tokens(acceptance), acceptance, [])
+
+
+def _tree_row(row: dict, choice, timed, greedy: _Pass, greedy_step: float, chain_rows: list[dict]) -> dict:
+    """The tree's result row: the chain rows' fields, its tree, the tokens per forward the measured
+    acceptance expects, and the comparison with the best chain of the same batch size."""
+    t = choice.tree
+    out = {**row, "k": t.depth + 1, "tree": t.spec(), "tree_nodes": t.size,
+           "tokens_per_forward_expected": choice.expected_tokens_per_step,
+           "step_cost_expected": choice.cost[t.size] if len(choice.cost) > t.size else None}
+    if timed:
+        s = max(timed, key=lambda r: r.tokens_per_s)
+        out.update(spec_tok_s=s.tokens_per_s, speedup=s.tokens_per_s / greedy.tokens_per_s,
+                   tokens_per_forward=s.tokens_per_forward, acceptance_by_head=s.acceptance_by_head,
+                   step_cost=(s.seconds / s.forward_passes) / greedy_step, identical=s.tokens == greedy.tokens)
+    else:  # an empty tree: plain decoding
+        out.update(spec_tok_s=greedy.tokens_per_s, speedup=1.0, tokens_per_forward=1.0, acceptance_by_head=[],
+                   step_cost=1.0, identical=True)
+    best = max(chain_rows, key=lambda r: r["spec_tok_s"], default=None)
+    if best is not None:
+        out.update(chain_k=best["k"], chain_tok_s=best["spec_tok_s"], tree_vs_chain=out["spec_tok_s"] / best["spec_tok_s"])
+    return out
+
+
+def _tree_line(r: dict) -> str:
+    line = (f"batch {r['batch_size']}, tree of {r['tree_nodes']} nodes: {r['spec_tok_s']:,.0f} tok/s "
+            f"({r['speedup']:.2f}x), {r['tokens_per_forward']:.2f} tokens/forward"
+            + (f" (expected {r['tokens_per_forward_expected']:.2f})" if r["tokens_per_forward_expected"] else "")
+            + f", a step costs {r['step_cost']:.2f} greedy steps, "
+            f"identical: {r['identical']}")
+    if "chain_k" in r:
+        line += f"; {r['tree_vs_chain']:.2f}x the best chain (k={r['chain_k']}, {r['chain_tok_s']:,.0f} tok/s)"
+    return line
 
 
 def format_table(report: dict) -> str:
@@ -225,10 +330,18 @@ def format_table(report: dict) -> str:
     lines = [head, sep]
     for r in report["results"]:
         acc = " / ".join(f"{a:.2f}" for a in r["acceptance_by_head"])
-        line = (f"| {r['batch_size']} | {r['k']} | {r['greedy_tok_s']:,.0f} | {r['spec_tok_s']:,.0f} | "
-                f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {r['step_cost']:.2f}x | {acc} "
+        k = r["k"] if "tree" not in r else f"tree {r['tree_nodes']} nodes"
+        tpf = f"{r['tokens_per_forward']:.2f}"
+        if r.get("tokens_per_forward_expected") is not None:  # with a tree: what acceptance expects
+            tpf += f" (exp. {r['tokens_per_forward_expected']:.2f})"
+        line = (f"| {r['batch_size']} | {k} | {r['greedy_tok_s']:,.0f} | {r['spec_tok_s']:,.0f} | "
+                f"{r['speedup']:.2f}x | {tpf} | {r['step_cost']:.2f}x | {acc} "
                 f"| {r['identical']} |")
         if hf:
             line += f" {r.get('hf_greedy_tok_s', float('nan')):,.0f} |"
         lines.append(line)
+    for r in report["results"]:
+        if "chain_k" in r:
+            lines.append(f"\nbatch {r['batch_size']}: tree {r['tree'] or '(none)'} runs {r['tree_vs_chain']:.2f}x the "
+                         f"best chain (k={r['chain_k']})")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of steps)")
-    t.add_argument("--grad-clip", type=float, default=None)
+    t.add_argument("--grad-clip", type=float, default=None,
+                   help="largest global gradient norm (default 1.0; 0: no clipping)")
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--naive-loss", action="store_true", help="all heads' logits at once (reference path)")
     t.add_argument("--log-grad-cosine", action="store_true", help="log the cosine similarity of the heads' "
@@ -141,6 +143,8 @@ def cmd_train(args) -> int:
 
     if args.steps is not None and args.tokens is not None:
         raise MTPError("give --steps or --tokens, not both")
+    if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
+        raise MTPError(f"--tokens must be a finite number > 0, got {args.tokens}")
     saved_train, saved_model, mcfg = {}, None, None
     if args.resume:  # unspecified options continue with the checkpoint's own values
         from mtp.checkpoint import read_meta
@@ -160,8 +164,13 @@ def cmd_train(args) -> int:
     defaults.update(warmup=None, seq_len=None)
     opt = {k: getattr(args, k) if getattr(args, k) is not None else saved_train.get(k, d)
            for k, d in defaults.items()}
-    seq_len = opt["seq_len"] or (mcfg or saved_model).max_seq_len
+    # an omitted --seq-len is the model's context; a given one must be >= 1 (TrainConfig checks)
+    seq_len = opt["seq_len"] if opt["seq_len"] is not None else (mcfg or saved_model).max_seq_len
     steps = opt["steps"]
+    for flag, value in (("--batch-size", opt["batch_size"]), ("--grad-accum", opt["grad_accum"]),
+                        ("--seq-len", seq_len)):
+        if value < 1:  # before --tokens divides by them
+            raise MTPError(f"{flag} must be at least 1, got {value}")
     if args.tokens is not None:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # every process trains on its own batch
         steps = max(1, int(args.tokens // (opt["batch_size"] * seq_len * opt["grad_accum"] * world)))
@@ -237,6 +246,9 @@ def cmd_tokenizer_train(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MTPError(f"{out} exists: pass --overwrite to replace it")
+    from mtp.fileio import check_writable
+
+    check_writable(out, "--out")
     files = resolve_corpus(args.corpus or ["stdlib"])
     tok = train_bpe_from_texts((piece for _, piece, _ in iter_documents(files)), args.vocab_size, out)
     _emit({"out": str(out), "vocab_size": tok.vocab_size, "files": len(files)}, args.json,
@@ -247,7 +259,11 @@ def cmd_tokenizer_train(args) -> int:
 # ---- mtp demo -----------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from mtp.demo import run_demo
+    from mtp.fileio import check_writable
 
+    if args.steps is not None and args.steps < 1:  # omitted: the demo's budget
+        raise MTPError(f"--steps must be at least 1, got {args.steps}")
+    check_writable(args.out, "--out", directory=True)
     result = run_demo(Path(args.out), steps=args.steps, device=args.device, progress=not args.no_progress)
     _emit(result, args.json, result["table"])
     return 0
@@ -303,7 +319,33 @@ def _gen_config(args, tok):
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, speculative=args.speculative,
                             eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile,
-                            pack_weights=PACK_WEIGHTS[args.pack_weights])
+                            pack_weights=PACK_WEIGHTS[args.pack_weights],
+                            tree=None if args.tree in (None, "auto") else args.tree)
+
+
+def _tree_texts(args, tok, meta, context: int) -> list[list[int]]:
+    """Held-out text to measure the heads' acceptance on, for --tree auto: 16 windows of the
+    checkpoint's training corpus (or --corpus) held-out split."""
+    from mtp.bench import corpus_prompts
+
+    train_cfg = meta.get("train") or {}
+    corpus = getattr(args, "corpus", None) or train_cfg.get("corpus") or ["stdlib"]
+    return corpus_prompts(corpus, tok, 16, min(128, context - 1), train_cfg.get("val_fraction", 0.005))
+
+
+def _auto_tree(args, model, tok, meta, batch: int):
+    """--tree auto for mtp generate: the tree chosen for this model, device and batch size."""
+    from mtp.decode.tree import auto_tree
+
+    if args.compile:
+        raise MTPError("tree decoding runs eagerly: drop --compile to use --tree")
+    choice = auto_tree(model, _tree_texts(args, tok, meta, model.config.max_seq_len), batch=batch,
+                       max_nodes=args.tree_max_nodes, max_depth=None if args.speculative is None else args.speculative - 1,
+                       pack_weights=PACK_WEIGHTS[args.pack_weights])
+    print(f"[tree: {choice.tree.spec() or 'none (plain decoding pays best here)'}; {choice.tree.size} nodes, "
+          f"expecting {choice.expected_tokens_per_step:.2f} tokens per step; chosen in {choice.seconds:.1f} s]",
+          file=sys.stderr)
+    return choice.tree
 
 
 def _stats_line(s, reason: str | None = None) -> str:
@@ -320,6 +362,8 @@ def cmd_generate(args) -> int:
         raise MTPError("give one of --prompt TEXT, --prompt-file FILE or --prompts FILE")
     if args.batch_size < 1:
         raise MTPError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if any(not s for s in args.stop or ()):  # "" is in every text: it would stop after one token
+        raise MTPError("--stop must not be an empty string")
     if args.prompt_file is not None:
         try:
             text = Path(args.prompt_file).read_text()
@@ -327,8 +371,12 @@ def cmd_generate(args) -> int:
             raise MTPError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
     else:
         text = args.prompt
-    model, tok, _ = _load_for_decoding(args)
+    model, tok, meta = _load_for_decoding(args)
     cfg = _gen_config(args, tok)
+    if args.tree_max_nodes < 1:
+        raise MTPError(f"--tree-max-nodes must be at least 1, got {args.tree_max_nodes}")
+    if args.tree == "auto":
+        cfg.tree = _auto_tree(args, model, tok, meta, 1 if args.prompts is None else args.batch_size)
     cfg.validate()
     if args.prompts is not None:
         return _generate_batch(model, tok, cfg, args)
@@ -382,34 +430,64 @@ def _int_list(flag: str, s: str | None) -> list[int] | None:
 
 
 def cmd_bench(args) -> int:
-    from mtp.bench import check_bench_args, corpus_prompts, file_prompts, format_table, run_bench
+    from mtp.bench import (DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_LEN, check_bench_args, corpus_prompts,
+                           default_new_tokens, default_prompt_len, file_prompts, format_table, run_bench)
+    from mtp.fileio import check_writable
 
     batch_sizes, ks = _int_list("--batch-sizes", args.batch_sizes), _int_list("--k", args.k)
-    if args.prompt_len < 1 or args.max_new_tokens < 1 or args.n_prompts < 1:
-        raise MTPError("--prompt-len, --n-prompts and --max-new-tokens must be at least 1")
+    for flag, value in (("--prompt-len", args.prompt_len), ("--n-prompts", args.n_prompts),
+                        ("--max-new-tokens", args.max_new_tokens), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            raise MTPError(f"{flag} must be at least 1, got {value}")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model, tok, meta = _load_for_decoding(args)
     ks = check_bench_args(model, batch_sizes, ks)
+    ctx, shortened = model.config.max_seq_len, []
     if args.prompts:
         prompts = file_prompts(args.prompts, tok)
         source = str(args.prompts)
     else:
+        prompt_len = args.prompt_len
+        if prompt_len is None:  # the defaults fit the model: say what was shortened
+            prompt_len = default_prompt_len(ctx, len(tok.bos_ids), args.max_new_tokens)
+            if prompt_len != DEFAULT_PROMPT_LEN:
+                shortened.append(f"--prompt-len {prompt_len} (default {DEFAULT_PROMPT_LEN})")
         train_cfg = meta.get("train") or {}
         corpus = args.corpus or train_cfg.get("corpus") or ["stdlib"]
-        prompts = corpus_prompts(corpus, tok, max(max(batch_sizes), args.n_prompts), args.prompt_len,
+        prompts = corpus_prompts(corpus, tok, max(max(batch_sizes), args.n_prompts), prompt_len,
                                  train_cfg.get("val_fraction", 0.005), progress=not args.json)
         source = f"held-out split of {corpus}"
     longest = max(len(p) for p in prompts)
-    if longest + args.max_new_tokens > model.config.max_seq_len:
-        raise MTPError(f"prompts of up to {longest} tokens plus --max-new-tokens {args.max_new_tokens} exceed the "
-                       f"model's context of {model.config.max_seq_len}")
-    report = run_bench(model, prompts, batch_sizes, ks, args.max_new_tokens, compile=args.compile, hf=args.hf,
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = default_new_tokens(ctx, longest)
+        if max_new != DEFAULT_NEW_TOKENS:
+            shortened.append(f"--max-new-tokens {max_new} (default {DEFAULT_NEW_TOKENS})")
+    if longest + max_new > ctx:
+        raise MTPError(f"prompts of up to {longest} tokens plus --max-new-tokens {max_new} exceed the "
+                       f"model's context of {ctx}")
+    if shortened:
+        print(f"mtp bench: the model's context is {ctx} tokens: using " + " and ".join(shortened), file=sys.stderr)
+    if args.tree_max_nodes < 1:
+        raise MTPError(f"--tree-max-nodes must be at least 1, got {args.tree_max_nodes}")
+    tree_texts = None
+    if args.tree is not None:
+        from mtp.decode.tree import Tree
+
+        if args.tree != "auto":
+            Tree.parse(args.tree)  # a malformed spec is refused before any measuring
+        tree_texts = _tree_texts(args, tok, meta, ctx) if args.tree == "auto" or not args.prompts else prompts
+    report = run_bench(model, prompts, batch_sizes, ks, max_new, compile=args.compile, hf=args.hf,
                        pack_weights=PACK_WEIGHTS[args.pack_weights],
-                       log=(lambda m: None) if args.json else None, repeats=args.repeats)
+                       log=(lambda m: None) if args.json else None, repeats=args.repeats,
+                       tree=args.tree, tree_texts=tree_texts, tree_max_nodes=args.tree_max_nodes)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
     if args.plot:
         from mtp.plots import plot_decoding
 
-        report["plot"] = str(plot_decoding(report, Path(args.plot), title=f"decoding {meta['path']}"))
+        chains = {**report, "results": [r for r in report["results"] if "tree" not in r]}  # the chains' bars
+        report["plot"] = str(plot_decoding(chains, Path(args.plot), title=f"decoding {meta['path']}"))
     _emit(report, args.json, format_table(report))
     return 0
 
@@ -425,6 +503,12 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
                    help="CPU: linear layers compute with weights prepacked for oneDNN (one more copy of them in "
                         "memory); auto: for models with >= 64 MiB of linear weights")
+    p.add_argument("--tree", default=None, metavar="auto|SPEC",
+                   help="verify a tree of the heads' top candidates per step instead of a chain (eager): auto "
+                        "(chosen for this device from the heads' acceptance on held-out text and the step cost), "
+                        "or rank paths like '0;1;0,0;0,1' (head 2's top two, head 3's top two after head 2's "
+                        "first), or chain:D")
+    p.add_argument("--tree-max-nodes", type=int, default=32, help="--tree auto: at most this many nodes")
     p.add_argument("--json", action="store_true")
 
 
@@ -456,11 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("bench", help="greedy vs self-speculative decoding speed, side by side")
     _add_decoding_args(p)
-    p.set_defaults(max_new_tokens=128)
+    p.set_defaults(max_new_tokens=None)
     p.add_argument("--prompts", default=None, help=".jsonl with a prompt (or text) field, or a text file, one per line")
     p.add_argument("--corpus", nargs="*", default=None, help="held-out prompts from this corpus (default: the "
                    "checkpoint's training corpus)")
-    p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt from the corpus")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="tokens per prompt from the corpus (default 64; it and --max-new-tokens, default 128, "
+                        "are shortened to fit the model's context when not given)")
     p.add_argument("--n-prompts", type=int, default=8,
                    help="prompts from the corpus (at least the largest batch size); each batch size decodes them all")
     p.add_argument("--batch-sizes", default="1,16")
@@ -487,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     from mtp.commands import add_all
 
-    add_all(sub)  # eval, sweep, tasks, convert, finetune
+    add_all(sub)  # eval, sweep, tasks, convert, finetune, serve
     return parser
 
 

@@ -218,6 +218,15 @@ class TrainConfig:
     extra_weight: float = 1.0  # lambda: the extra heads' loss weights are multiplied by it ...
     extra_weight_warmup: int = 0  # ... ramped linearly from 0 over this many steps (Medusa-2)
     log_grad_cosine: bool = False  # log the cosine of the heads' gradients at the trunk output
+    # self-distillation of the extra heads (mtp.losses.Distill; needs freeze="trunk"): their loss is
+    # (1 - distill_weight) * CE + distill_weight * KL(next-token head at t+o-1 / T || head)
+    distill: bool = False
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    # > 0 (needs freeze="trunk", one process): batches come from a fixed pool of this many training
+    # windows, in epochs, and the frozen trunk's states are cached on disk (mtp.distill.TrunkCache)
+    trunk_cache_windows: int = 0
+    trunk_cache_dtype: str = "bfloat16"  # or float16, float32
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -239,14 +248,40 @@ class TrainConfig:
             bad(f"extra_weight_warmup must be >= 0, got {self.extra_weight_warmup}")
         if self.log_grad_cosine and not self.memory_efficient:
             bad("log_grad_cosine needs the memory-efficient loss (not the naive one)")
+        if self.distill and self.freeze != "trunk":
+            bad("distill trains the extra heads towards the frozen model's own predictions: it needs freeze='trunk'")
+        if not (math.isfinite(self.distill_weight) and 0 <= self.distill_weight <= 1):
+            bad(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            bad(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
+        if int(self.trunk_cache_windows) < 0:
+            bad(f"trunk_cache_windows must be >= 0 (0: no cache), got {self.trunk_cache_windows}")
+        if self.trunk_cache_windows and self.freeze != "trunk":
+            bad("trunk_cache_windows caches a frozen trunk's states: it needs freeze='trunk'")
+        if self.trunk_cache_windows and not self.memory_efficient:
+            bad("trunk_cache_windows needs the memory-efficient loss (not the naive one)")
+        if self.trunk_cache_dtype not in ("bfloat16", "float16", "float32"):
+            bad(f"trunk_cache_dtype must be bfloat16, float16 or float32, got {self.trunk_cache_dtype!r}")
 
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            bad(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            bad(f"grad_clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            bad(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup < 0:
             bad(f"warmup must be >= 0, got {self.warmup}")
+        for name in ("eval_every", "save_every"):  # 0: only at the end
+            if int(getattr(self, name)) < 0:
+                bad(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             bad(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -53,6 +53,9 @@ class GenerationConfig:
     # CPU, eager: linear layers compute with prepacked oneDNN weights (mtp.packed); None: when the
     # model is big enough for it to pay (mtp.packed.worth_packing)
     pack_weights: bool | None = None
+    # a token tree verified per step instead of a chain (mtp.decode.tree.Tree or its spec, e.g.
+    # "0;1;0,0"); None: the chain of `speculative` heads
+    tree: object = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,10 +66,14 @@ class GenerationConfig:
             raise MTPError(f"top-k must be at least 1, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise MTPError(f"top-p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):  # "" is in every text: it would stop after one token
+            raise MTPError("a stop string must not be empty")
         if self.speculative is not None and self.speculative < 1:
             raise MTPError(f"--speculative must be at least 1, got {self.speculative}")
         if self.kv_bucket < 1:
             raise MTPError(f"kv_bucket must be at least 1, got {self.kv_bucket}")
+        if self.tree is not None and self.compile:
+            raise MTPError("tree decoding runs eagerly: drop --compile to use --tree")
 
     @property
     def greedy(self) -> bool:
@@ -223,9 +230,10 @@ class _Decoder:
         return min(self.max_len, b * math.ceil((last_pos + 1) / b))
 
     # one forward pass of the trunk and the heads the step needs, over tokens (B, T) at positions (B, T)
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                 slots: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         model, cache = self.model, self.cache
-        step = cache.at(positions, kv_len)
+        step = cache.at(positions, kv_len, slots, mask)  # slots, mask: a token tree's (mtp.decode.tree)
         outs = {TRUNK: model.trunk(tokens, cache)}
         if self.stacked is not None:
             return self.stacked.verify(outs[TRUNK], cache.stacked, step)  # the drafters run in parallel_drafts
@@ -309,12 +317,14 @@ class _Decoder:
     def parallel_drafts(self, extra, idx: torch.Tensor):
         """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals.
         extra is what _forward returned for them: their outputs, or (stacked) their state."""
-        if self.stacked is not None:
-            hidden = self.stacked.draft(extra, idx, self.cache.stacked)
-        else:
-            hidden = extra[:, torch.arange(idx.shape[0], device=idx.device), idx]
-        tokens, probs = self.choose(self.model.logits(hidden))  # (k-1, B), (k-1, B, V)
+        tokens, probs = self.choose(self.model.logits(self.draft_hidden(extra, idx)))  # (k-1, B), (k-1, B, V)
         return tokens.T, (None if probs is None else probs.transpose(0, 1))
+
+    def draft_hidden(self, extra, idx: torch.Tensor) -> torch.Tensor:
+        """Heads 1..k-1's outputs (k-1, B, D) at index idx (B,) of the step (see parallel_drafts)."""
+        if self.stacked is not None:
+            return self.stacked.draft(extra, idx, self.cache.stacked)
+        return extra[:, torch.arange(idx.shape[0], device=idx.device), idx]
 
     def _sequential_drafts(self, seq: torch.Tensor, last: torch.Tensor, window: int, kv_len: int):
         """Sequential heads draft depth by depth at position `last` (B,), the last position the
@@ -415,6 +425,11 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     if cfg.stop and tokenizer is None:
         raise MTPError("stop strings need a tokenizer to decode the output")
     k = resolve_k(model, cfg.speculative)
+    tree = None
+    if cfg.tree is not None:
+        from mtp.decode.tree import resolve_tree
+
+        tree, k = resolve_tree(model, cfg, k)
     lens, budgets = _prepare_prompts(model, prompts, cfg)
     was_training = model.training
     model.eval()
@@ -422,14 +437,15 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     packing = packed_linears(model) if pack else contextlib.nullcontext()
     try:
         with packing:
-            return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step)
+            return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> GenerationOutput:
+def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree=None) -> GenerationOutput:
     B, T0 = len(prompts), max(lens)
-    dec = _decoder_for(model, k, B, T0 + max(budgets) + k, cfg)  # room for the last step's drafts
+    room = k if tree is None else max(k, tree.size + 1)  # room for the last step's drafts (or tree)
+    dec = _decoder_for(model, k, B, T0 + max(budgets) + room, cfg)
     dev = dec.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
@@ -445,7 +461,13 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
     last = dec.L - 1
     first, _ = dec.choose(model.logits(h[rows, last]))  # logits at the last position only
     drafts = qs = None
-    if k > 1 and not dec.sequential:  # the heads' drafts at each row's last prompt position
+    tree_steps = None
+    if tree is not None:  # the tree's candidates at each row's last prompt position
+        from mtp.decode.tree import TreeSteps
+
+        tree_steps = TreeSteps(dec, tree)
+        tree_steps.start(extra, last)
+    elif k > 1 and not dec.sequential:  # the heads' drafts at each row's last prompt position
         drafts, qs = dec.parallel_drafts(extra, last)
         dec.drafts.copy_(drafts)
     host = dec.commit(first[:, None].expand(B, k), torch.ones(B, dtype=torch.long, device=dev), cfg.eot_id)
@@ -478,6 +500,9 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step) -> Gene
             break
 
         forwards += 1
+        if tree_steps is not None:  # the tree's last slot is L - 1 + its size
+            host = tree_steps.step(dec.kv_len(L_max - 1 + tree.size), cfg.eot_id)
+            continue
         kv_len = dec.kv_len(L_max + k - 2)
         if fused:
             host = dec.round_fn(kv_len, cfg.eot_id)

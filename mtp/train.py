@@ -30,8 +30,9 @@ from mtp.checkpoint import (has_checkpoint, inspect_checkpoint, load_checkpoint,
 from mtp.config import ModelConfig, TrainConfig
 from mtp.data import build_token_data, check_tokens, eval_batches, sample_batch
 from mtp.errors import MTPError
+from mtp.fileio import check_writable
 from mtp.finetune import apply_freeze, check_freeze, init_model
-from mtp.losses import head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
+from mtp.losses import Distill, head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
 from mtp.model import MTPTransformer
 from mtp.parallel import apply_compile, parallelize  # noqa: F401  (apply_compile: public here too)
 from mtp.tokenizers import get_tokenizer
@@ -156,6 +157,7 @@ def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overw
     out = Path(tcfg.out)
     if out.exists() and not out.is_dir():
         raise MTPError(f"--out {out} is a file, not a directory")
+    check_writable(out, "--out", directory=True)  # before any work, not after it
     exists = has_checkpoint(out)
     if resume and overwrite:
         raise MTPError("--resume and --overwrite cannot be combined")
@@ -248,6 +250,16 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         start = int(state["step"])
     del model_state
     ctx, compute_dtype = autocast_for(device, tcfg.dtype)
+    distill = Distill(tcfg.distill_weight, tcfg.distill_temperature) if tcfg.distill else None
+    trunk_cache = None
+    if tcfg.trunk_cache_windows:  # a fixed pool of windows whose frozen trunk states are cached
+        from mtp.distill import TrunkCache, pool_indices, pool_windows, window_pool
+
+        if dist_info.world_size > 1:
+            raise MTPError("the trunk cache runs in one process only: drop --nproc or the cache")
+        pool_starts = window_pool(data.train, tcfg.trunk_cache_windows, tcfg.seq_len, tcfg.seed)
+        trunk_cache = TrunkCache(default_cache_dir() / "trunk", model, data.train, pool_starts, tcfg.seq_len,
+                                 teacher=distill is not None, dtype=tcfg.trunk_cache_dtype)
 
     metrics_path = out / "metrics.jsonl"
     if main:
@@ -290,22 +302,34 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
             weights = loss_weights_at(step, base_weights, tcfg)
             log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
             cosine = None  # the heads' gradient cosines, summed over micro-batches (log steps only)
+            per_kl = None  # distilling: the heads' KL to the teacher, averaged over micro-batches
             for micro in range(tcfg.grad_accum):
-                batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
-                                     micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
+                cached = {}
+                if trunk_cache is None:
+                    batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
+                                         micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
+                else:
+                    idx = pool_indices(tcfg.trunk_cache_windows, tcfg.batch_size, seed=tcfg.seed, step=step,
+                                       micro=micro, grad_accum=tcfg.grad_accum)
+                    batch = pool_windows(data.train, pool_starts, idx, tcfg.seq_len).to(device)
+                    h_c, t_c = trunk_cache.states(model, idx, batch)
+                    cached = dict(trunk_out=h_c, teacher_out=t_c)
                 with ctx, par.micro_batch(last=micro == tcfg.grad_accum - 1) as on_backward:
                     if tcfg.memory_efficient:
                         res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
                                                 grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
                                                 compile_ce=tcfg.compile, on_backward=on_backward,
-                                                grad_cosine=tcfg.log_grad_cosine and log_step)
+                                                grad_cosine=tcfg.log_grad_cosine and log_step,
+                                                distill=distill, **cached)
                         if res.grad_cosine is not None:
                             cosine = res.grad_cosine if cosine is None else cosine + res.grad_cosine
                     else:
-                        res = naive_loss(model, batch, weights)
+                        res = naive_loss(model, batch, weights, distill=distill)
                         (res.loss / tcfg.grad_accum).backward()
                 total += float(res.loss) / tcfg.grad_accum
                 per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
+                if res.per_head_kl is not None:  # distilling: each head's KL to the teacher
+                    per_kl = [a + b / tcfg.grad_accum for a, b in zip(per_kl or [0.0] * mcfg.n_future, res.per_head_kl)]
             cos_list = None if cosine is None else (cosine / tcfg.grad_accum).flatten().tolist()
             if dist_info.world_size > 1:  # log the global batch's loss, the same on every rank
                 reduced = distributed.mean_over_ranks([total, *per_head, *(cos_list or [])], device)
@@ -329,6 +353,10 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
                 record = {"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
                           "loss_weights": weights, "grad_norm": grad_norm, "tokens_per_s": tok_s,
                           "tokens": done * tokens_per_step}
+                if per_kl is not None:  # KL(teacher || head) per head, null for head 0
+                    record["per_head_kl"] = [x if math.isfinite(x) else None for x in per_kl]
+                if trunk_cache is not None:  # windows read from the cache / computed so far
+                    record["trunk_cache"] = {"hits": trunk_cache.hits, "misses": trunk_cache.misses}
                 if cos_list is not None:  # n x n, null where a head sends no gradient to the trunk
                     n = mcfg.n_future
                     record["grad_cosine"] = [[c if math.isfinite(c) else None for c in cos_list[r * n:(r + 1) * n]]
