@@ -486,12 +486,22 @@ def _limits(timeout: float, memory_mb: int, file_mb: int) -> dict:
     }
 
 
+def _interpreter(python: str | None) -> str:
+    """The interpreter to run, symlinks resolved: a virtual environment's `python` is a link to
+    the base interpreter (the programs run with -I -S and need none of the environment's
+    packages), and the environment may lie under /tmp, which the sandbox replaces (CI clones)."""
+    return os.path.realpath(python or sys.executable)
+
+
 def _bwrap_argv(bwrap: str, disk_mb: int) -> list[str]:
     size = str(disk_mb * 2**20)
+    # an interpreter installed under /tmp or /dev/shm stays visible (read-only) over their tmpfs
+    prefix = os.path.realpath(sys.base_prefix)
+    keep = ["--ro-bind", prefix, prefix] if prefix.startswith(("/tmp/", "/dev/shm/")) else []
     return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY),
             "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
+            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm", *keep,
             "--dir", BOX_DIR, "--chdir", BOX_DIR, "--clearenv", "--setenv", "TMPDIR", "/tmp", "--"]
 
 
@@ -535,7 +545,7 @@ def _uid_status(python: str) -> tuple[str | None, str]:
 
 def isolation_status(python: str | None = None) -> dict[str, str]:
     """Per layer, "" when it can run here, else why not (for messages and test skips)."""
-    python = python or sys.executable
+    python = _interpreter(python)
     return {"bwrap": _bwrap_status(python)[1], "uid": _uid_status(python)[1], "audit-hook": ""}
 
 
@@ -620,7 +630,7 @@ def run_program(source: str, timeout: float = 10.0, *, tests: str | None = None,
     never blocks). isolation: "auto" (the best layer this machine has) or one of LAYERS, which
     raises SandboxUnavailable when it cannot run here. python: the interpreter (default ours).
     guard=False leaves out the audit hook (tests of the other layers only)."""
-    python = python or sys.executable
+    python = _interpreter(python)
     if isolation == "auto":
         isolation = best_isolation(python)
     if isolation not in LAYERS:
