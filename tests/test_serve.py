@@ -349,7 +349,7 @@ def _jobs(n, seed, sampled=()):
 
 def _check_load(server, ref_model, jobs, disconnect, k):
     tok = ref_model[1]
-    before = server.server.engine.requests_done["cancelled"]
+    before = dict(server.server.engine.requests_done)
     got = asyncio.run(_clients(server, jobs, disconnect))
     assert sorted(got) == sorted(set(range(len(jobs))) - set(disconnect))  # none lost
     for i, (text, finish) in got.items():
@@ -362,7 +362,11 @@ def _check_load(server, ref_model, jobs, disconnect, k):
     while engine.running or engine.queue_length:  # the hung-up clients' rows are freed
         assert time.monotonic() < deadline, (engine.running, engine.queue_length)
         time.sleep(0.05)
-    assert engine.requests_done["cancelled"] - before == len(disconnect)
+    done = {key: n - before[key] for key, n in engine.requests_done.items()}
+    # every request ended once, none in error; a client that hung up was cancelled unless its
+    # request had already ended (decoding may run ahead of a slow client by the time it closes)
+    assert sum(done.values()) == len(jobs) and done["error"] == 0, done
+    assert 1 <= done["cancelled"] <= len(disconnect), done
 
 
 def test_load_32_streaming_clients_speculative(spec, ref_model):
