@@ -27,3 +27,20 @@ def corpus(tmp_path):
     for i in range(8):
         (d / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 30)
     return d
+
+
+@pytest.fixture
+def ckpt(tmp_path, corpus):
+    """A random 3-head byte-level model whose training corpus is a small directory of code:
+    (checkpoint path, the model in eval mode)."""
+    from mtp.checkpoint import save_checkpoint
+    from mtp.config import ModelConfig
+    from mtp.model import MTPTransformer
+    from mtp.tokenizers import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
+                                       multiple_of=16, n_future=3))
+    path = tmp_path / "run" / "checkpoint"
+    save_checkpoint(path, model, ByteTokenizer(), train_config={"corpus": [str(corpus)], "val_fraction": 0.2})
+    return path, model.eval()

@@ -7,24 +7,10 @@ import json
 import pytest
 import torch
 
-from mtp.checkpoint import save_checkpoint
 from mtp.cli import main
-from mtp.config import ModelConfig
 from mtp.generate import GenerationConfig, generate
-from mtp.model import MTPTransformer
 from mtp.packed import available as packed_available
 from mtp.tokenizers import ByteTokenizer
-
-
-@pytest.fixture
-def ckpt(tmp_path, corpus):
-    """A random 3-head byte-level model whose training corpus is a small directory of code."""
-    torch.manual_seed(0)
-    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
-                                       multiple_of=16, n_future=3))
-    path = tmp_path / "run" / "checkpoint"
-    save_checkpoint(path, model, ByteTokenizer(), train_config={"corpus": [str(corpus)], "val_fraction": 0.2})
-    return path, model.eval()
 
 
 def run_cli(capsys, *argv):

@@ -312,20 +312,6 @@ def test_an_empty_tree_is_plain_decoding():
 
 
 # ---- the command line -----------------------------------------------------------------------
-@pytest.fixture
-def ckpt(tmp_path, corpus):
-    """A random 3-head byte-level model whose training corpus is a small directory of code."""
-    from mtp.checkpoint import save_checkpoint
-    from mtp.tokenizers import ByteTokenizer
-
-    torch.manual_seed(0)
-    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=4, n_heads=4, max_seq_len=96,
-                                       multiple_of=16, n_future=3))
-    path = tmp_path / "run" / "checkpoint"
-    save_checkpoint(path, model, ByteTokenizer(), train_config={"corpus": [str(corpus)], "val_fraction": 0.2})
-    return path, model.eval()
-
-
 def cli(capsys, *argv):
     from mtp.cli import main
 
