@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mtp.cli import main
 from mtp.generate import GenerationConfig, generate
