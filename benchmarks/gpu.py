@@ -310,8 +310,8 @@ def bench_decode() -> dict:
 
 
 def bench_training(steps: int) -> dict:
-    from mtp.tokenizers import ByteTokenizer
-    from mtp.train import pad_vocab, train
+    from mtp.tokenizers import ByteTokenizer, pad_vocab
+    from mtp.train import train
 
     out = {}
     vocab = pad_vocab(ByteTokenizer().vocab_size)

@@ -8,12 +8,10 @@ says whether every row's tokens are the same.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,8 +27,7 @@ def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fr
     """n prompts of `length` tokens from the held-out split of a corpus, spread evenly over it,
     each inside one document (no end-of-text token), after the tokenizer's start tokens
     (`bos_ids`, where its convention has them)."""
-    from mtp.data import build_token_data
-    from mtp.train import default_cache_dir
+    from mtp.data import build_token_data, default_cache_dir
 
     data = build_token_data(corpus, tokenizer, default_cache_dir(), val_fraction, progress=progress)
     val = np.asarray(data.val)
@@ -67,35 +64,6 @@ def story_prompts(tokenizer, n: int, length: int, stories: slice = slice(None)) 
         raise MTPError(f"only {len(encoded)} CoQA stories hold {length} tokens, {n} prompts asked for")
     bos = list(getattr(tokenizer, "bos_ids", ()))
     return [bos + encoded[i][:length] for i in np.linspace(0, len(encoded) - 1, num=n).astype(np.int64)]
-
-
-def file_prompts(path: str | Path, tokenizer) -> list[list[int]]:
-    """Prompts from a file: JSONL with a "prompt" (or "text") field per line, else one per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise MTPError(f"prompt file not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MTPError(f"cannot read prompt file {p}: {e}") from None
-    texts = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-                text = row["prompt"] if "prompt" in row else row["text"]
-                if not isinstance(text, str):
-                    raise TypeError
-                texts.append(text)
-            except (ValueError, KeyError, TypeError):
-                raise MTPError(f"{p}:{i + 1}: expected a JSON object with a 'prompt' or 'text' string field") from None
-        else:
-            texts.append(line)
-    if not texts:
-        raise MTPError(f"{p} holds no prompts")
-    return [tokenizer.encode_prompt(t) for t in texts]
 
 
 def _batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:

@@ -187,7 +187,7 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    warmup: int = 100
+    warmup: int | None = None  # linear warmup steps; None = 5% of the steps (at least 1)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -232,6 +232,8 @@ class TrainConfig:
         def bad(msg: str) -> None:
             raise MTPError(f"invalid training config: {msg}")
 
+        if self.warmup is None:
+            self.warmup = max(1, int(self.steps) // 20)
         if self.freeze not in FREEZE_MODES:
             bad(f"freeze must be one of {', '.join(FREEZE_MODES)}, got {self.freeze!r}")
         if self.init_layout not in LAYOUTS:

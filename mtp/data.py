@@ -98,6 +98,11 @@ def _unnamed_text(directory: Path) -> list[Path]:
     return sorted(skipped)
 
 
+def default_cache_dir() -> Path:
+    """Where token shards (and the trunk cache, mtp.distill) are kept: $MTP_CACHE, else ~/.cache/mtp."""
+    return Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
+
+
 def stdlib_dir() -> Path:
     """The directory of the running Python's standard library source."""
     return Path(sysconfig.get_paths()["stdlib"])

@@ -14,8 +14,8 @@ from pathlib import Path
 from mtp.bench import corpus_prompts, format_table, run_bench
 from mtp.config import TrainConfig, preset
 from mtp.plots import plot_decoding, plot_head_losses
-from mtp.tokenizers import ByteTokenizer
-from mtp.train import pad_vocab, train
+from mtp.tokenizers import ByteTokenizer, pad_vocab
+from mtp.train import train
 
 # Sized so both models train in under 10 minutes on 2 CPU cores (see docs/benchmarks.md). Deep and
 # narrow (16 blocks of dim 96, 1.83M parameters): the n = 4 model keeps a 12-block trunk, so its

@@ -33,6 +33,17 @@ class DistInfo:
         return self.rank == 0
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The one --dtype rule (training's autocast, FSDP's compute dtype, decoding): "auto" is
+    bf16 on CUDA and float32 elsewhere; any other name is that dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"

@@ -114,12 +114,6 @@ def apply_fsdp(model: MTPTransformer, dist_info: distributed.DistInfo, param_dty
         unit.reshard()
 
 
-def compute_param_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """FSDP's parameter dtype in compute: bf16 where the loop runs bf16 autocast, else float32."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    return torch.bfloat16 if use_bf16 else None
-
-
 class Parallel:
     """What the training loop calls, the same way for one process, DDP and FSDP2:
 
@@ -279,7 +273,9 @@ def parallelize(model: MTPTransformer, dist_info: distributed.DistInfo, tcfg: Tr
         apply_activation_checkpointing(model)
     par = Parallel(model, dist_info, tcfg.fsdp, naive=not tcfg.memory_efficient)
     if par.fsdp:
-        apply_fsdp(model, dist_info, compute_param_dtype(dist_info.device, tcfg.dtype))
+        # parameters in compute: bf16 where the loop runs bf16 autocast, else float32 (None)
+        bf16 = distributed.resolve_dtype(dist_info.device, tcfg.dtype) == torch.bfloat16
+        apply_fsdp(model, dist_info, torch.bfloat16 if bf16 else None)
     if tcfg.compile:
         apply_compile(model)
     return par

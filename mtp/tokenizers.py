@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -393,6 +394,21 @@ def get_tokenizer(spec: str | Path | None) -> Tokenizer:
             return SentencePieceTokenizer.from_file(path / SP_FILE)
         return load_tokenizer(path)
     raise MTPError(f"tokenizer not found: {spec} (expected 'byte', a tokenizer.json or a folder)")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the tokenizer's vocabulary up so the unembedding matmul has friendly shapes."""
+    return multiple * math.ceil(n / multiple)
+
+
+def check_vocab(tokenizer, vocab_size: int, source: str, exact: bool = False) -> None:
+    """MTPError unless the tokenizer belongs to a model of `vocab_size` embeddings: it must emit
+    no id the model lacks (a trained model's vocabulary is the tokenizer's, padded: pad_vocab);
+    exact: the sizes must be equal (an imported model, whose rows are its tokenizer's ids)."""
+    n = tokenizer.vocab_size
+    if n > vocab_size or (exact and n != vocab_size):
+        raise MTPError(f"{source}: the tokenizer has {n} ids but the model's vocab_size is {vocab_size}"
+                       + ("" if exact else ": the model has no embedding for some of its ids"))
 
 
 def _iter_file_chunks(files: Sequence[Path], chunk_chars: int = 1 << 20) -> Iterator[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -28,23 +27,14 @@ from mtp import distributed
 from mtp.checkpoint import (has_checkpoint, inspect_checkpoint, load_checkpoint, load_trainer_state, read_meta,
                             save_checkpoint)
 from mtp.config import ModelConfig, TrainConfig
-from mtp.data import build_token_data, check_tokens, eval_batches, sample_batch
+from mtp.data import build_token_data, check_tokens, default_cache_dir, eval_batches, sample_batch
 from mtp.errors import MTPError
-from mtp.fileio import check_writable
+from mtp.fileio import atomic_write, check_writable
 from mtp.finetune import apply_freeze, check_freeze, init_model
 from mtp.losses import Distill, head_metrics, mtp_loss_backward, naive_loss, parse_loss_weights
 from mtp.model import MTPTransformer
 from mtp.parallel import apply_compile, parallelize  # noqa: F401  (apply_compile: public here too)
-from mtp.tokenizers import get_tokenizer
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MTP_CACHE", Path.home() / ".cache" / "mtp"))
-
-
-def pad_vocab(n: int, multiple: int = 64) -> int:
-    """Round the tokenizer's vocabulary up so the unembedding matmul has friendly shapes."""
-    return multiple * math.ceil(n / multiple)
+from mtp.tokenizers import check_vocab, get_tokenizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -79,8 +69,7 @@ def loss_weights_at(step: int, base: list[float], cfg: TrainConfig) -> list[floa
 
 def autocast_for(device: torch.device, dtype: str):
     """(context, compute dtype): bf16 autocast on CUDA by default, float32 elsewhere."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if distributed.resolve_dtype(device, dtype) != torch.bfloat16:
         return nullcontext(), None
     return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
 
@@ -136,9 +125,7 @@ def _rewrite_metrics(path: Path, keep_through_step: int) -> None:
                 kept.append(ln)
         except ValueError:  # a line torn by a crash in the middle of a write
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    atomic_write(path, (ln + "\n" for ln in kept))
 
 
 @dataclass
@@ -151,31 +138,39 @@ class TrainResult:
     model: MTPTransformer
 
 
-def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overwrite: bool):
-    """Check the output directory against --resume / --overwrite before anything is written.
-    Returns (model config, trainer state or None)."""
-    out = Path(tcfg.out)
+def check_out(out: str | Path, resume: bool, overwrite: bool) -> bool:
+    """The run directory against --resume / --overwrite, before anything is read or written
+    (mtp train, mtp finetune). Returns whether it holds a checkpoint."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise MTPError(f"--out {out} is a file, not a directory")
     check_writable(out, "--out", directory=True)  # before any work, not after it
     exists = has_checkpoint(out)
     if resume and overwrite:
         raise MTPError("--resume and --overwrite cannot be combined")
-    if resume:
-        if not exists:
-            raise MTPError(f"--resume: {out} holds no checkpoint to resume from")
-        meta = read_meta(out)
-        if mcfg is not None and mcfg.to_dict() != meta["model"].to_dict():
-            saved = meta["model"].to_dict()
-            diff = [f"{k} {saved.get(k)} -> {v}" for k, v in mcfg.to_dict().items() if saved.get(k) != v]
-            raise MTPError(f"--resume with a different model config than {out}: {', '.join(diff)}")
-        state = load_trainer_state(out)
-        if tcfg.steps <= int(state["step"]):
-            raise MTPError(f"--resume: {out} is already at step {state['step']}; ask for more --steps than that")
-        return meta["model"], state
-    if exists and not overwrite:
+    if resume and not exists:
+        raise MTPError(f"--resume: {out} holds no checkpoint to resume from")
+    if exists and not resume and not overwrite:
         raise MTPError(f"{out} already holds a checkpoint: pass --resume to continue it or --overwrite to replace it")
-    return mcfg, None
+    return exists
+
+
+def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overwrite: bool):
+    """Check the output directory against --resume / --overwrite before anything is written.
+    Returns (model config, trainer state or None)."""
+    out = Path(tcfg.out)
+    check_out(out, resume, overwrite)
+    if not resume:
+        return mcfg, None
+    meta = read_meta(out)
+    if mcfg is not None and mcfg.to_dict() != meta["model"].to_dict():
+        saved = meta["model"].to_dict()
+        diff = [f"{k} {saved.get(k)} -> {v}" for k, v in mcfg.to_dict().items() if saved.get(k) != v]
+        raise MTPError(f"--resume with a different model config than {out}: {', '.join(diff)}")
+    state = load_trainer_state(out)
+    if tcfg.steps <= int(state["step"]):
+        raise MTPError(f"--resume: {out} is already at step {state['step']}; ask for more --steps than that")
+    return meta["model"], state
 
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
@@ -212,8 +207,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         model, tokenizer, _ = load_checkpoint(out, device)
     else:
         tokenizer = get_tokenizer(tcfg.tokenizer)
-        if mcfg.vocab_size < tokenizer.vocab_size:
-            raise MTPError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        check_vocab(tokenizer, mcfg.vocab_size, "the model config")
     if tcfg.seq_len > mcfg.max_seq_len:
         raise MTPError(f"seq_len {tcfg.seq_len} exceeds the model's context max_seq_len {mcfg.max_seq_len}")
     if mcfg.head_offsets[-1] > tcfg.seq_len:

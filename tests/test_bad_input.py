@@ -16,8 +16,7 @@ from mtp.cli import main
 from mtp.config import TrainConfig, preset
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig
-from mtp.tokenizers import ByteTokenizer
-from mtp.train import pad_vocab
+from mtp.tokenizers import ByteTokenizer, pad_vocab
 
 TINY = ["--preset", "tiny", "--n-future", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
         "--log-every", "1", "--no-progress"]
@@ -45,7 +44,7 @@ def ckpt(tmp_path, corpus):
 
 WORK = ["mtp.train.build_token_data", "mtp.bench.run_bench", "mtp.bench.corpus_prompts", "mtp.evals.run_task",
         "mtp.tokenizers.train_bpe_from_texts", "mtp.evals.sweep.run_sweep", "mtp.commands.tasks.make_corpus",
-        "mtp.demo.run_demo", "mtp.cli._load_for_decoding", "mtp.checkpoint.load_checkpoint"]
+        "mtp.demo.run_demo", "mtp.commands.common.load_for_decoding", "mtp.checkpoint.load_checkpoint"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from helpers import assert_one_line_error, run_cli
 from mtp import MTPError
 from mtp.checkpoint import inspect_checkpoint, load_checkpoint, read_meta
 from mtp.interop import meta as meta_mod
-from mtp.interop.meta import convert_meta, is_meta_dir, load_meta
+from mtp.interop.meta import is_meta_dir, load_meta
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -272,9 +272,11 @@ def test_load_checkpoint_reads_meta_dir_directly(tmp_path, sp_proto, capsys):
     assert rc == 0, err
 
 
-def test_convert_meta_python_api(tmp_path, sp_proto):
+def test_convert_meta_max_seq_len(tmp_path, sp_proto, capsys):
     d, _ = write_release(tmp_path, sp_proto)
-    out = convert_meta(d, tmp_path / "c", max_seq_len=64)
+    out = tmp_path / "c"
+    rc, _, err = run_cli(["convert", "meta", d, out, "--max-seq-len", "64"], capsys)
+    assert rc == 0, err
     assert load_checkpoint(out)[0].config.max_seq_len == 64
 
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mtp.commands.common import Parser, emit, parse_dtype
 from mtp.errors import MTPError
 from mtp.fileio import check_writable
 
 
 def _dtype(name: str):
-    import torch
-
-    table = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise MTPError(f"unknown --dtype {name!r}: use auto, float32, bfloat16 or float16")
-    return table[name]
+    """--dtype: auto keeps the stored dtype (None)."""
+    return parse_dtype(name, None, allowed=("float32", "bfloat16", "float16"))
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -34,14 +31,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _report(args, source: str, out: Path, model, tok, t0: float) -> int:
-    from mtp.cli import _emit
-
     cfg = model.config
     obj = {"source": source, "input": str(args.src), "out": str(out), "vocab_size": cfg.vocab_size,
            "dim": cfg.dim, "n_layers": cfg.n_layers, "n_future": cfg.n_future,
            "params": sum(p.numel() for p in model.parameters()), "tokenizer": tok.name if tok else None,
            "seconds": round(time.perf_counter() - t0, 2)}
-    _emit(obj, args.json, f"converted {source} {args.src} -> {out} ({obj['params'] / 1e6:.1f}M parameters, "
+    emit(obj, args.json, f"converted {source} {args.src} -> {out} ({obj['params'] / 1e6:.1f}M parameters, "
           f"{cfg.n_layers} blocks, {cfg.n_future} heads, {obj['seconds']:.1f} s)")
     return 0
 
@@ -92,11 +87,9 @@ def cmd_convert_to_hf(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from mtp.cli import _Parser
-
     p = sub.add_parser("convert", help="convert checkpoints: Meta's release or transformers/GGUF -> mtp, "
                        "mtp -> transformers")
-    csub = p.add_subparsers(dest="convert_command", required=True, parser_class=_Parser)
+    csub = p.add_subparsers(dest="convert_command", required=True, parser_class=Parser)
 
     def common(cp, src_help: str, importing: bool = True) -> None:
         cp.add_argument("src", help=src_help)

@@ -52,7 +52,7 @@ def options_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from mtp.cli import _emit, _load_for_decoding
+    from mtp.commands.common import emit, load_for_decoding
     from mtp.evals import TASKS, format_table, json_meta, run_task
 
     if args.task not in TASKS:  # before loading anything
@@ -65,18 +65,18 @@ def cmd_eval(args) -> int:
         from mtp.fileio import check_writable
 
         check_writable(args.out, "--out")  # before the evaluation, not after it
-    model, tok, meta = _load_for_decoding(args)
+    model, tok, meta = load_for_decoding(args)
     result = run_task(args.task, model, tok, opts, json_meta(meta), progress=not args.json and not args.no_progress)
     result["checkpoint"] = str(args.checkpoint)
     if args.out:
+        from mtp.fileio import atomic_write
+
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(args.out) + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.out)
+        atomic_write(args.out, [json.dumps(result, indent=2) + "\n"])
     table = format_table(result)
     if result.get("isolation"):  # code tasks: which sandbox layer ran the programs
         table += "\n  sandbox: " + ", ".join(f"{k} ({v} programs)" for k, v in result["isolation"].items())
-    _emit(result, args.json, table)
+    emit(result, args.json, table)
     return 0
 
 

@@ -19,28 +19,16 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from mtp.commands.common import TRAIN_FLAGS, add_flags, add_run_flags, emit, training_lines
 from mtp.errors import MTPError
 
-# training flags: argparse dest == TrainConfig field; None = TrainConfig's default (or, with
-# --resume, the run's own value)
-_TRAIN_FLAGS = {
-    "steps": (int, "optimizer steps (default 1000)"),
-    "batch_size": (int, None),
-    "grad_accum": (int, None),
-    "seq_len": (int, "default: the model's max_seq_len"),
-    "lr": (float, "peak learning rate (default 3e-4)"),
-    "warmup": (int, "warmup steps (default 5%% of steps)"),
-    "grad_clip": (float, None),
-    "weight_decay": (float, None),
+# fine-tuning's own training options, beside the common ones (see TRAIN_FLAGS)
+FINETUNE_FLAGS = {
+    **TRAIN_FLAGS,
     "loss_weights": (str, "uniform, main:L, geometric:G, nth, or w1,...,wn (for the fine-tuned heads)"),
+    "val_fraction": (float, "held-out share of the corpus (default: the checkpoint's)"),
     "extra_weight": (float, "lambda: the extra heads' loss weights are multiplied by it (default 1)"),
     "extra_weight_warmup": (int, "steps over which lambda ramps linearly from 0 (default 0: no ramp)"),
-    "eval_every": (int, None),
-    "eval_batches": (int, None),
-    "save_every": (int, None),
-    "log_every": (int, None),
-    "seed": (int, None),
-    "val_fraction": (float, "held-out share of the corpus (default: the checkpoint's)"),
     "distill_weight": (float, "with --distill: W in (1 - W) * corpus CE + W * KL to the teacher (default 1)"),
     "distill_temperature": (float, "with --distill: the teacher's softmax temperature (default 1)"),
     "trunk_cache_windows": (int, "--mode heads: draw batches from a fixed pool of N training windows (epochs) and "
@@ -65,23 +53,12 @@ def add_parser(sub) -> None:
     h.add_argument("--mode", default="auto", choices=("auto", "heads", "full"),
                    help="heads: train only the extra heads (trunk frozen); full: everything; auto: heads when "
                         "plus-layers adds heads, else full")
-    t = p.add_argument_group("training")
-    for name, (typ, help_) in _TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    t.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA), float32, bfloat16")
-    t.add_argument("--compile", action="store_true", help="torch.compile each block")
-    t.add_argument("--activation-checkpointing", action="store_true")
-    t.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of data parallel (--mode full)")
     h.add_argument("--distill", action="store_true",
                    help="--mode heads: train head i towards the frozen next-token head's distribution at "
                         "t+i-1 (self-distillation; mixed with the corpus loss by --distill-weight)")
-    t.add_argument("--log-grad-cosine", action="store_true",
-                   help="log the cosine similarity of the heads' gradients at the trunk output")
-    t.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
-    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    t = p.add_argument_group("training")
+    add_flags(t, FINETUNE_FLAGS)
+    add_run_flags(t, fsdp_help="under torchrun: FSDP2 instead of data parallel (--mode full)")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -129,10 +106,8 @@ def _fresh_config(args):
         raise MTPError(f"--trunk-cache-windows caches a frozen trunk: it needs --mode heads (this run is mode {mode})")
     if not args.distill and (args.distill_weight is not None or args.distill_temperature is not None):
         raise MTPError("--distill-weight and --distill-temperature need --distill")
-    given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    steps = given.get("steps", 1000)
-    seq_len = given.get("seq_len") or cfg.max_seq_len
-    base = dict(warmup=max(1, steps // 20), seq_len=seq_len)
+    given = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
+    base = dict(seq_len=given.get("seq_len") or cfg.max_seq_len)  # warmup: TrainConfig's (5% of the steps)
     if saved.get("val_fraction") is not None:
         base["val_fraction"] = saved["val_fraction"]
     return TrainConfig(
@@ -146,13 +121,11 @@ def _fresh_config(args):
 def _resume_config(args):
     """TrainConfig continuing the fine-tuning run in --out: its own settings, with the training
     flags given on the command line taking precedence."""
-    from mtp.checkpoint import has_checkpoint, read_meta
+    from mtp.checkpoint import read_meta
     from mtp.config import TrainConfig
+    from mtp.train import check_out
 
-    if args.overwrite:
-        raise MTPError("--resume and --overwrite cannot be combined")
-    if not has_checkpoint(args.out):
-        raise MTPError(f"--resume: {args.out} holds no checkpoint to resume from")
+    check_out(args.out, resume=True, overwrite=args.overwrite)
     meta = read_meta(args.out)
     saved = meta.get("train") or {}
     if not saved.get("init_from"):
@@ -165,7 +138,7 @@ def _resume_config(args):
         raise MTPError(f"--resume: the run in {args.out} trains in mode {saved_mode}, not {args.mode}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     d = {k: v for k, v in saved.items() if k in known}
-    d.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None})
+    d.update({k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None})
     d.update(out=args.out, device=args.device, dtype=args.dtype,
              **{k: True for k in _SWITCHES if getattr(args, k)})
     if args.corpus:
@@ -174,7 +147,6 @@ def _resume_config(args):
 
 
 def cmd_finetune(args) -> int:
-    from mtp.cli import _emit
     from mtp.distributed import run_then_teardown
     from mtp.train import train
 
@@ -193,10 +165,7 @@ def cmd_finetune(args) -> int:
                "distill": ({"weight": tcfg.distill_weight, "temperature": tcfg.distill_temperature}
                            if tcfg.distill else None),
                "trunk_cache_windows": tcfg.trunk_cache_windows}
-    lines = [f"fine-tuned {tcfg.init_from} for {res.steps} steps ({cfg.n_future} heads, {tcfg.init_layout}, "
-             f"mode {mode}, {trainable:,} parameters trained) -> {res.out / 'checkpoint'}",
-             "held-out loss per head: " + ", ".join(f"{x:.4f}" for x in res.final_eval["loss"]),
-             "held-out top-1 per head: " + ", ".join(f"{x:.3f}" for x in res.final_eval["acc"]),
-             f"training throughput: {res.tokens_per_s:,.0f} tokens/s"]
-    _emit(summary, args.json, "\n".join(lines))
+    what = (f"fine-tuned {tcfg.init_from} for {res.steps} steps ({cfg.n_future} heads, {tcfg.init_layout}, "
+            f"mode {mode}, {trainable:,} parameters trained) -> {res.out / 'checkpoint'}")
+    emit(summary, args.json, "\n".join(training_lines(what, res)))
     return 0

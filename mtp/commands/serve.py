@@ -26,7 +26,7 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_serve(args) -> int:
-    from mtp.cli import PACK_WEIGHTS, _load_for_decoding
+    from mtp.commands.common import PACK_WEIGHTS, load_for_decoding
 
     try:
         import starlette  # noqa: F401
@@ -42,7 +42,7 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("MTP_API_KEY") or None
     if args.api_key == "":
         raise MTPError("--api-key is empty")
-    model, tok, _ = _load_for_decoding(args)
+    model, tok, _ = load_for_decoding(args)
     from mtp.serve import make_app, run
 
     name = args.served_model_name or served_name(args.checkpoint)

@@ -6,18 +6,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mtp.commands.common import emit
 from mtp.errors import MTPError
 from mtp.fileio import check_writable
 
 
 def cmd_sweep(args) -> int:
-    from mtp.cli import _emit
     from mtp.commands.eval import _ks
     from mtp.config import preset
     from mtp.evals import EvalOptions
     from mtp.evals.sweep import SWEEP_TASKS, parse_variant, run_sweep
-    from mtp.tokenizers import get_tokenizer
-    from mtp.train import pad_vocab
+    from mtp.tokenizers import get_tokenizer, pad_vocab
 
     if args.task not in SWEEP_TASKS:
         raise MTPError(f"unknown sweep task {args.task!r}; choose from {', '.join(SWEEP_TASKS)}")
@@ -63,7 +62,7 @@ def cmd_sweep(args) -> int:
                         corpus=args.corpus, n_train=args.n_train, eval_opts=opts, overwrite=args.overwrite,
                         progress=not args.no_progress)
     text = Path(summary["report"]).read_text()
-    _emit(summary, args.json, text)
+    emit(summary, args.json, text)
     return 0
 
 

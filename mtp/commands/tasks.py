@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+from mtp.commands.common import Parser, emit
 from mtp.evals.taskdata import TASK_NAMES, make_corpus
 
 
 def cmd_tasks_make(args) -> int:
-    from mtp.cli import _emit
     from mtp.fileio import check_writable
 
     check_writable(args.out, "--out", directory=True)  # before the documents are made
@@ -21,15 +21,13 @@ def cmd_tasks_make(args) -> int:
     lines.append("  task.json")
     lines.append(f"train: mtp train {summary['files']['train.jsonl']} --out RUN ...   "
                  f"eval: mtp eval RUN --task {args.task} --data {summary['out']}")
-    _emit(summary, args.json, "\n".join(lines))
+    emit(summary, args.json, "\n".join(lines))
     return 0
 
 
 def add_parser(sub) -> None:
-    from mtp.cli import _Parser
-
     p = sub.add_parser("tasks", help="synthetic tasks of the paper (induction, polynomial arithmetic)")
-    tsub = p.add_subparsers(dest="tasks_command", required=True, parser_class=_Parser)
+    tsub = p.add_subparsers(dest="tasks_command", required=True, parser_class=Parser)
     mp = tsub.add_parser("make", help="write a task's training corpus and held-out set")
     mp.add_argument("task", choices=TASK_NAMES)
     mp.add_argument("--out", required=True, help="directory for train.jsonl, eval.jsonl, task.json")

@@ -76,13 +76,6 @@ def check_encodable(tokenizer, texts: Sequence[str], task: str) -> None:
                            f"(round trip changes {sample!r}...)")
 
 
-def check_vocab(model, tokenizer) -> None:
-    """MTPError when the tokenizer emits ids the model has no embedding for."""
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise MTPError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
-                       f"{model.config.vocab_size}: they do not belong together")
-
-
 def json_meta(meta: dict) -> dict:
     """A checkpoint's meta (load_checkpoint) as plain JSON values, for run_task: configs as dicts,
     the path dropped."""
@@ -96,7 +89,9 @@ def run_task(task: str, model, tokenizer, opts: EvalOptions | None = None, meta:
         raise MTPError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     opts = opts or EvalOptions()
     opts.validate()
-    check_vocab(model, tokenizer)
+    from mtp.tokenizers import check_vocab
+
+    check_vocab(tokenizer, model.config.vocab_size, "the checkpoint")
     module = importlib.import_module(f"mtp.evals.{task}")
     t0 = time.perf_counter()
     was_training = model.training

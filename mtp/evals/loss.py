@@ -17,7 +17,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from mtp.data import build_token_data, check_tokens, eval_batches
+from mtp.data import build_token_data, check_tokens, default_cache_dir, eval_batches
 from mtp.errors import MTPError
 from mtp.losses import head_metrics
 
@@ -36,8 +36,6 @@ def _target_bytes(tokenizer, window: torch.Tensor, offset: int) -> int:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, opts, meta: dict, progress: bool) -> dict:
-    from mtp.train import default_cache_dir
-
     train_cfg = meta.get("train") or {}
     corpus = opts.corpus or train_cfg.get("corpus")
     if not corpus:

@@ -117,9 +117,8 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 def _decode_stats(model, tokenizer, corpus: list[str], val_fraction: float, n: int, seed: int) -> dict:
     """Tokens per forward of greedy self-speculative decoding with k = 2..n on held-out text."""
-    from mtp.data import build_token_data, eval_batches
+    from mtp.data import build_token_data, default_cache_dir, eval_batches
     from mtp.generate import GenerationConfig, generate, usable_heads
-    from mtp.train import default_cache_dir
 
     k_max = usable_heads(model)
     if k_max < 2:

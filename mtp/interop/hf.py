@@ -12,7 +12,7 @@ same frequency for index k. Reordering the output rows of wq and wk within each 
 even rows come first and the odd rows second, turns one into the other; q.k is unchanged because
 queries and keys get the same reordering, and v / wo are untouched.
 
-Import (`from_hf_llama`, `convert_hf`): the other way round. A transformers Llama (or a Mistral
+Import (`from_hf_llama`, `import_hf`): the other way round. A transformers Llama (or a Mistral
 without sliding-window attention, which is the same network) becomes an `MTPTransformer` with
 n_future = 1: q/k rows go back from halves to interleaved pairs (`half_to_interleaved`), and the
 SwiGLU width is reproduced by choosing `multiple_of` / `ffn_dim_multiplier` (`ffn_params`). What
@@ -439,24 +439,13 @@ def import_hf(src: str | Path, *, tokenizer: str | Path | None = None, dtype: to
               max_seq_len: int | None = None):
     """(model, tokenizer) from a local transformers model directory or .gguf file. Everything that
     can be refused (architecture, tokenizer, vocabulary size) is checked before the weights load."""
-    from mtp.interop.meta import check_vocab
-    from mtp.tokenizers import get_tokenizer
+    from mtp.tokenizers import check_vocab, get_tokenizer
 
     cfg = config_from_hf(load_hf_config(src), max_seq_len)
     tok = get_tokenizer(tokenizer) if tokenizer is not None else load_hf_tokenizer(src)
-    check_vocab(tok, cfg, str(src))
+    check_vocab(tok, cfg.vocab_size, str(src), exact=True)
     model = from_hf_llama(load_hf_model(src), dtype=dtype, max_seq_len=max_seq_len)
     return model, tok
-
-
-def convert_hf(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
-               dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> Path:
-    """Write an mtp checkpoint at `out` from a local transformers model directory or .gguf file,
-    with its tokenizer (or `tokenizer`: a tokenizer.json / tokenizer.model / directory)."""
-    from mtp.checkpoint import save_checkpoint
-
-    model, tok = import_hf(src, tokenizer=tokenizer, dtype=dtype, max_seq_len=max_seq_len)
-    return save_checkpoint(out, model, tok)
 
 
 def smollm2_gguf_path() -> Path | None:

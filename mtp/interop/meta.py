@@ -2,7 +2,7 @@
 
 A release directory holds `params.json`, the weights in `consolidated.*.pth` (one file per
 model-parallel rank) and Llama 2's SentencePiece `tokenizer.model` (in the directory or, as in
-the release, in its parent). Parameter names are ours already (see DESIGN.md), so no renaming:
+the release, in its parent). Parameter names are ours already (docs/architecture.md), so no renaming:
 `layers.*` holds the trunk plus the next-token head, `extra_heads.*` the other heads.
 
 What `n_layers` means. Meta's `llama/model.py` builds
@@ -241,14 +241,6 @@ def find_tokenizer(directory: str | Path) -> Path | None:
     return None
 
 
-def check_vocab(tokenizer, cfg: ModelConfig, source: str) -> None:
-    """MTPError unless the tokenizer's vocabulary is exactly the model's."""
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise MTPError(
-            f"{source}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}"
-        )
-
-
 def load_meta(directory: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
               tokenizer: str | Path | None = None, max_seq_len: int | None = None):
     """(model, tokenizer, meta) from a Meta release directory, like `load_checkpoint`.
@@ -256,7 +248,7 @@ def load_meta(directory: str | Path, device: str | torch.device = "cpu", *, dtyp
     tokenizer: a tokenizer file or directory (default: tokenizer.model beside or above the
     weights). dtype: convert the weights (default: keep the stored dtype). max_seq_len: the
     context for the rotary tables (default: params.json's, else 4096)."""
-    from mtp.tokenizers import SentencePieceTokenizer, get_tokenizer
+    from mtp.tokenizers import SentencePieceTokenizer, check_vocab, get_tokenizer
 
     d = Path(directory)
     if not is_meta_dir(d):
@@ -270,7 +262,7 @@ def load_meta(directory: str | Path, device: str | torch.device = "cpu", *, dtyp
         tok = SentencePieceTokenizer.from_file(found)
     else:
         tok = get_tokenizer(tokenizer)
-    check_vocab(tok, cfg, str(d))
+    check_vocab(tok, cfg.vocab_size, str(d), exact=True)
     model = model_from_state(cfg, state, str(d), dtype).to(device)
     meta = {"format_version": None, "model": cfg, "train": None, "step": None, "path": d, "source": "meta"}
     return model.eval(), tok, meta
@@ -278,7 +270,7 @@ def load_meta(directory: str | Path, device: str | torch.device = "cpu", *, dtyp
 
 def inspect_meta(directory: str | Path):
     """(model on the meta device, tokenizer, meta) without reading the weights' data."""
-    from mtp.tokenizers import SentencePieceTokenizer
+    from mtp.tokenizers import SentencePieceTokenizer, check_vocab
 
     d = Path(directory)
     if not is_meta_dir(d):
@@ -288,17 +280,8 @@ def inspect_meta(directory: str | Path):
     if found is None:
         raise MTPError(f"{d}: no {TOKENIZER_MODEL} in it or its parent")
     tok = SentencePieceTokenizer.from_file(found)
-    check_vocab(tok, cfg, str(d))
+    check_vocab(tok, cfg.vocab_size, str(d), exact=True)
     with torch.device("meta"):
         model = MTPTransformer(cfg)
     return model, tok, {"format_version": None, "model": cfg, "train": None, "step": None, "path": d,
                         "source": "meta"}
-
-
-def convert_meta(directory: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
-                 tokenizer: str | Path | None = None, max_seq_len: int | None = None) -> Path:
-    """Write an mtp checkpoint (weights, config, the SentencePiece tokenizer) at `out`."""
-    from mtp.checkpoint import save_checkpoint
-
-    model, tok, _ = load_meta(directory, "cpu", dtype=dtype, tokenizer=tokenizer, max_seq_len=max_seq_len)
-    return save_checkpoint(out, model, tok)
