@@ -53,17 +53,17 @@ def cmd_bench(args) -> int:
         print(f"mtp bench: the model's context is {ctx} tokens: using " + " and ".join(shortened), file=sys.stderr)
     if args.tree_max_nodes < 1:
         raise MTPError(f"--tree-max-nodes must be at least 1, got {args.tree_max_nodes}")
-    tree_texts = None
+    texts = None  # what --tree measures the heads' acceptance on
     if args.tree is not None:
         from mtp.decode.tree import Tree
 
         if args.tree != "auto":
             Tree.parse(args.tree)  # a malformed spec is refused before any measuring
-        tree_texts = tree_texts(args, tok, meta, ctx) if args.tree == "auto" or not args.prompts else prompts
+        texts = tree_texts(args, tok, meta, ctx) if args.tree == "auto" or not args.prompts else prompts
     report = run_bench(model, prompts, batch_sizes, ks, max_new, compile=args.compile, hf=args.hf,
                        pack_weights=PACK_WEIGHTS[args.pack_weights],
                        log=(lambda m: None) if args.json else None, repeats=args.repeats,
-                       tree=args.tree, tree_texts=tree_texts, tree_max_nodes=args.tree_max_nodes)
+                       tree=args.tree, tree_texts=texts, tree_max_nodes=args.tree_max_nodes)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
     if args.plot:
         from mtp.plots import plot_decoding
