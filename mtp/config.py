@@ -8,6 +8,7 @@ with one clear line for out-of-range values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,63 @@ from mtp.errors import MTPError
 HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
 LAYOUTS = ("plus-layers", "matched")  # how fine-tuning adds heads (mtp.finetune.add_heads)
 FREEZE_MODES = ("none", "trunk")
+
+
+TRUNK = -1  # parent index meaning "the trunk's output"
+
+
+@dataclass(frozen=True)
+class HeadGraph:
+    """Which output each head reads, and what that means for the code that runs the heads (the
+    model, the losses, the decoder, the parallel wrapper): the one place head types are told
+    apart. Head i reads the output of head parents[i], or the trunk's (TRUNK)."""
+
+    head_type: str
+    parents: tuple[int, ...]
+
+    @classmethod
+    def of(cls, head_type: str, n: int) -> "HeadGraph":
+        if head_type in ("causal", "sequential"):
+            parents = (TRUNK, *range(n - 1))  # head i reads head i-1
+        elif head_type == "anticausal":
+            parents = (*range(1, n), TRUNK)  # the farthest head reads the trunk
+        else:  # parallel, linear
+            parents = (TRUNK,) * n
+        return cls(head_type, parents)
+
+    @functools.cached_property
+    def order(self) -> tuple[int, ...]:
+        """The heads in an order where each comes after the one it reads."""
+        order, placed = [], {TRUNK}
+        while len(order) < len(self.parents):
+            for i, p in enumerate(self.parents):
+                if i not in placed and p in placed:
+                    order.append(i)
+                    placed.add(i)
+        return tuple(order)
+
+    def path_to(self, head: int) -> list[int]:
+        """The heads from the trunk to `head`, in the order they run (head 0: the next-token path)."""
+        path = []
+        while head != TRUNK:
+            path.append(head)
+            head = self.parents[head]
+        return path[::-1]
+
+    @property
+    def is_linear(self) -> bool:
+        """Heads are linear maps of the trunk's output (no transformer block; head 0: the identity)."""
+        return self.head_type == "linear"
+
+    @property
+    def is_sequential(self) -> bool:
+        """Head i also reads the embedding of token t + i, so heads draft one after another."""
+        return self.head_type == "sequential" and len(self.parents) > 1
+
+    @property
+    def drafts_in_parallel(self) -> bool:
+        """Every head's draft comes out of one pass (what a token tree and fused steps need)."""
+        return not self.is_sequential
 
 
 @dataclass
@@ -49,6 +107,10 @@ class ModelConfig:
 
     # -- derived sizes -------------------------------------------------------------------
     @property
+    def head_graph(self) -> HeadGraph:
+        return HeadGraph.of(self.head_type, self.n_future)
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
@@ -67,14 +129,14 @@ class ModelConfig:
     @property
     def n_layer_blocks(self) -> int:
         """Blocks in `layers` (trunk + next-token head, or the whole trunk for linear heads)."""
-        if self.head_type == "linear":
+        if self.head_graph.is_linear:
             return self.n_layers
         return self.n_layers - self.n_future + 1
 
     @property
     def n_trunk(self) -> int:
         """Blocks shared by all heads."""
-        return self.n_layer_blocks if self.head_type == "linear" else self.n_layer_blocks - 1
+        return self.n_layer_blocks if self.head_graph.is_linear else self.n_layer_blocks - 1
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -108,7 +170,8 @@ class ModelConfig:
             bad(f"n_future must be >= 1, got {self.n_future}")
         if self.head_type not in HEAD_TYPES:
             bad(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
-        if self.head_type != "linear" and self.n_future > self.n_layers:
+        graph = self.head_graph
+        if not graph.is_linear and self.n_future > self.n_layers:
             bad(
                 f"n_future={self.n_future} heads need at least {self.n_future} blocks, "
                 f"but n_layers={self.n_layers}"
@@ -126,7 +189,7 @@ class ModelConfig:
                 bad(f"the first head must predict the next token (offset 1), got offsets {self.offsets}")
             if any(b <= a for a, b in zip(self.offsets, self.offsets[1:])):
                 bad(f"offsets must be strictly increasing, got {self.offsets}")
-            if self.head_type == "sequential" and self.offsets != list(range(1, self.n_future + 1)):
+            if graph.is_sequential and self.offsets != list(range(1, self.n_future + 1)):
                 bad("sequential heads predict consecutive tokens; offsets must be 1..n_future")
             if self.offsets[-1] >= self.max_seq_len:
                 bad(f"offset {self.offsets[-1]} is not below max_seq_len={self.max_seq_len}")

@@ -67,7 +67,7 @@ def weights_fingerprint(model: MTPTransformer, teacher: bool) -> str:
     h = hashlib.sha256()
     mods = [("tok_embeddings", model.tok_embeddings)] + [(f"trunk.{i}", b) for i, b in enumerate(model.trunk_blocks)]
     if teacher:
-        mods += [(f"head.{i}", model.head_module(i)) for i in model.next_token_path if model.head_module(i) is not None]
+        mods += [(f"head.{i}", model.head_module(i)) for i in model.graph.path_to(0) if model.head_module(i) is not None]
     for name, mod in mods:
         for pname, p in mod.state_dict().items():
             h.update(f"{name}.{pname}{tuple(p.shape)}{p.dtype}".encode())

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from mtp.config import HEAD_TYPES, LAYOUTS, ModelConfig, TrainConfig
+from mtp.config import HEAD_TYPES, LAYOUTS, HeadGraph, ModelConfig, TrainConfig
 from mtp.errors import MTPError
 from mtp.model import MTPTransformer
 
@@ -54,20 +54,21 @@ def headed_config(cfg: ModelConfig, n_future: int, layout: str = "plus-layers",
     if n > 1 and head_type != cfg.head_type:
         raise MTPError(f"the model already has {n} {cfg.head_type} heads: cannot change them to {head_type} "
                        f"(only a one-head model takes a new head type)")
-    if head_type == "anticausal" and n_future != n:
+    graph = HeadGraph.of(head_type, n_future)
+    if n_future != n and (graph.path_to(0) != [0] or HeadGraph.of(head_type, n).path_to(0) != [0]):
         raise MTPError("anticausal heads put the other heads in front of the next-token head, so adding or "
                        "removing them changes the next-token path: train such a model from scratch")
     if n_future < n and layout == "matched":
         raise MTPError(f"the matched layout only adds heads; to go from {n} to {n_future} heads use plus-layers "
                        "(drops the extra heads, next-token path unchanged)")
-    if layout == "matched" and head_type == "linear":
+    if layout == "matched" and graph.is_linear:
         raise MTPError("linear heads add no transformer block, so there is nothing to match: use plus-layers")
     offsets = cfg.offsets
     if offsets is not None and n_future != n:
         if n_future > n:
             raise MTPError(f"the model's heads predict offsets {offsets}: adding heads to it is not supported")
         offsets = offsets[:n_future]
-    if layout == "matched" or head_type == "linear":
+    if layout == "matched" or graph.is_linear:
         n_layers = cfg.n_layers
     else:
         n_layers = cfg.n_layers + n_future - n
@@ -103,7 +104,7 @@ def add_heads(model: MTPTransformer, n_future: int, layout: str = "plus-layers",
         elif key.startswith("layers."):
             j, rest = key[len("layers."):].split(".", 1)
             out[key] = old_sd[f"layers.{layer_map[int(j)]}.{rest}"]
-    head_block = _block_keys(old_sd, f"layers.{last}.") if new_cfg.head_type != "linear" else {}
+    head_block = _block_keys(old_sd, f"layers.{last}.") if not new_cfg.head_graph.is_linear else {}
     for j in range(new_cfg.n_future - 1):
         prefix = f"extra_heads.{j}."
         own = _block_keys(new_sd, prefix)
@@ -123,7 +124,7 @@ def trainable_names(model: MTPTransformer, freeze: str) -> list[str]:
         return names
     if freeze != "trunk":
         raise MTPError(f"unknown freeze mode {freeze!r}: use none or trunk")
-    path = set(model.next_token_path)
+    path = set(model.graph.path_to(0))
     heads = [f"extra_heads.{i - 1}." for i in range(1, model.config.n_future) if i not in path]
     return [n for n in names if n.startswith(tuple(heads))]
 
@@ -134,7 +135,7 @@ def check_freeze(cfg: ModelConfig, freeze: str) -> None:
         return
     if freeze != "trunk":
         raise MTPError(f"unknown freeze mode {freeze!r}: use none or trunk")
-    path = MTPTransformer._path_to(0, MTPTransformer._parents(cfg.head_type, cfg.n_future))
+    path = cfg.head_graph.path_to(0)
     if cfg.n_future == 1 or len(path) == cfg.n_future:
         why = ("it has one head" if cfg.n_future == 1 else
                f"its {cfg.head_type} heads all lie on the next-token path")

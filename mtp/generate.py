@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtp.errors import MTPError
-from mtp.model import TRUNK, MTPTransformer, ModelCache, SequentialHead, weights_key
+from mtp.model import TRUNK, MTPTransformer, ModelCache, weights_key
 from mtp.packed import packed_linears, will_pack
 from mtp.stacked import stacked_heads
 
@@ -169,9 +169,10 @@ class _Decoder:
         p = model.output.weight
         self.device = p.device
         self.max_len = max_len
-        self.sequential = model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead)
-        needed = {0} if self.sequential else {h for j in range(k) for h in model._path_to(j, model.parents)}
-        self.run_order = [i for i in model.head_order if i in needed]
+        graph = model.graph
+        self.sequential = graph.is_sequential
+        needed = {0} if self.sequential else {h for j in range(k) for h in graph.path_to(j)}
+        self.run_order = [i for i in graph.order if i in needed]
         # parallel heads 0..k-1 all read the trunk: one batched block instead of k (mtp.stacked)
         self.stacked = stacked_heads(model, k) if cfg.stack_heads else None
         if self.stacked is not None:
@@ -238,7 +239,7 @@ class _Decoder:
         if self.stacked is not None:
             return self.stacked.verify(outs[TRUNK], cache.stacked, step)  # the drafters run in parallel_drafts
         for i in self.run_order:
-            outs[i] = model.run_head(i, outs[model.parents[i]], cache=cache)
+            outs[i] = model.run_head(i, outs[model.graph.parents[i]], cache=cache)
         if self.h0 is not None:
             idx = positions[:, :, None].expand(-1, -1, outs[0].shape[-1])
             self.h0.scatter_(1, idx, outs[0])

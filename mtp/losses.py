@@ -294,7 +294,7 @@ def teacher_states(model: MTPTransformer, h: torch.Tensor, tokens: torch.Tensor)
     """The next-token head's hidden output (before the shared norm) on trunk output h, without
     gradient: the self-distillation teacher's states (B, T, D)."""
     with torch.no_grad():
-        for i in model.next_token_path:
+        for i in model.graph.path_to(0):
             h = model.run_head(i, h, tokens)
     return h
 
@@ -332,13 +332,14 @@ def mtp_loss_backward(
     replace the trunk's forward and the teacher's. Only for a frozen trunk."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
-    n = len(model.parents)
+    graph = model.graph
+    n = len(graph.parents)
     children: dict[int, list[int]] = {TRUNK: []}
-    for i, p in enumerate(model.parents):
+    for i, p in enumerate(graph.parents):
         children.setdefault(p, []).append(i)
     # heads that matter: a positive weight, or a descendant with one
     needed = [False] * n
-    for i in reversed(model.head_order):
+    for i in reversed(graph.order):
         needed[i] = weights[i] > 0 or any(needed[c] for c in children.get(i, []))
 
     out_weight = model.output.weight

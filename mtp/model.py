@@ -23,9 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtp.config import ModelConfig
+from mtp.config import TRUNK, ModelConfig  # TRUNK: public here too
 
-TRUNK = -1  # parent index meaning "the trunk's output"
 
 
 class RMSNorm(nn.Module):
@@ -131,7 +130,7 @@ class CacheStep:
                  slots: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         self.positions, self.kv_len = positions, kv_len
         self.slots = positions if slots is None else slots
-        self.cos, self.sin = cos[positions], sin[positions]  # (B, T, hd/2)
+        self.cos, self.sin = cos[positions], sin[positions]  # (B, T, hd)
         if mask is None:
             keys = torch.arange(kv_len, device=positions.device)
             mask = keys[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, kv_len)
@@ -216,9 +215,10 @@ class MTPTransformer(nn.Module):
         n = cfg.n_future
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer_blocks))
-        if cfg.head_type == "linear":
+        self.graph = graph = cfg.head_graph  # which output each head reads (mtp.config.HeadGraph)
+        if graph.is_linear:
             extra = [nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(n - 1)]
-        elif cfg.head_type == "sequential":
+        elif graph.is_sequential:
             extra = [SequentialHead(cfg) for _ in range(n - 1)]
         else:
             extra = [TransformerBlock(cfg) for _ in range(n - 1)]
@@ -230,18 +230,12 @@ class MTPTransformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.parents = self._parents(cfg.head_type, n)
-        self.head_order = self._head_order(self.parents)  # each head after its parent
-        self.next_token_path = self._path_to(0, self.parents)  # heads the next-token logits pass
         self.reset_parameters()
 
-    @staticmethod
-    def _parents(head_type: str, n: int) -> list[int]:
-        if head_type == "causal" or head_type == "sequential":
-            return [TRUNK] + list(range(n - 1))  # head i reads head i-1
-        if head_type == "anticausal":
-            return list(range(1, n)) + [TRUNK]  # the farthest head reads the trunk
-        return [TRUNK] * n  # parallel, linear
+    @property
+    def parents(self) -> list[int]:
+        """The output each head reads (self.graph.parents as a list)."""
+        return list(self.graph.parents)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -258,7 +252,7 @@ class MTPTransformer(nn.Module):
                 nn.init.normal_(mod.weight, 0.0, std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
-        if cfg.head_type == "linear":
+        if self.graph.is_linear:
             for head in self.extra_heads:  # start every linear head as the next-token head
                 nn.init.eye_(head.weight)
         for head in self.extra_heads:
@@ -273,7 +267,7 @@ class MTPTransformer(nn.Module):
 
     @property
     def trunk_blocks(self) -> nn.ModuleList | list[nn.Module]:
-        return self.layers if self.config.head_type == "linear" else self.layers[:-1]
+        return self.layers if self.graph.is_linear else self.layers[:-1]
 
     def trunk(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
         """Embedding and shared blocks: tokens (B, T) -> hidden (B, T, D).
@@ -297,7 +291,7 @@ class MTPTransformer(nn.Module):
     def head_module(self, i: int) -> nn.Module | None:
         """The module of head i (None for the identity next-token head of linear heads)."""
         if i == 0:
-            return None if self.config.head_type == "linear" else self.layers[-1]
+            return None if self.graph.is_linear else self.layers[-1]
         return self.extra_heads[i - 1]
 
     def future_embedding(self, tokens: torch.Tensor, shift: int) -> torch.Tensor:
@@ -332,32 +326,12 @@ class MTPTransformer(nn.Module):
             return mod(x, cos, sin, *extra, emb_future=emb)
         return mod(x, cos, sin, *extra)
 
-    @staticmethod
-    def _head_order(parents: list[int]) -> list[int]:
-        """Heads in an order where each head comes after its parent."""
-        order, placed = [], {TRUNK}
-        while len(order) < len(parents):
-            for i, p in enumerate(parents):
-                if i not in order and p in placed:
-                    order.append(i)
-                    placed.add(i)
-        return order
-
-    @staticmethod
-    def _path_to(head: int, parents: list[int]) -> list[int]:
-        """The heads from the trunk to `head`, in the order they run."""
-        path = []
-        while head != TRUNK:
-            path.append(head)
-            head = parents[head]
-        return path[::-1]
-
     def heads_hidden(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
         """All heads' hidden outputs, in head order 0..n-1."""
         outs: dict[int, torch.Tensor] = {TRUNK: h}
-        for i in self.head_order:
-            outs[i] = self.run_head(i, outs[self.parents[i]], tokens)
-        return [outs[i] for i in range(len(self.parents))]
+        for i in self.graph.order:
+            outs[i] = self.run_head(i, outs[self.graph.parents[i]], tokens)
+        return [outs[i] for i in range(len(self.graph.parents))]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding: (..., D) -> (..., V)."""
@@ -367,7 +341,7 @@ class MTPTransformer(nn.Module):
         """Next-token logits (B, T, V), or every head's logits (B, T, n, V)."""
         h = self.trunk(tokens)
         if not return_all_heads:
-            for i in self.next_token_path:
+            for i in self.graph.path_to(0):
                 h = self.run_head(i, h, tokens)
             return self.logits(h)
         return self.logits(torch.stack(self.heads_hidden(h, tokens), dim=-2))

@@ -74,7 +74,7 @@ def head_units(model: MTPTransformer) -> dict[int, nn.Module]:
 def check_fsdp(cfg: ModelConfig) -> None:
     """FSDP2 needs a trunk block: the root's gradients are reduced at the end of the trunk's
     backward, which must pass through at least one sharded unit."""
-    if cfg.head_type != "linear" and cfg.n_trunk == 0:
+    if not cfg.head_graph.is_linear and cfg.n_trunk == 0:
         raise MTPError(f"--fsdp needs at least one trunk block: n_layers={cfg.n_layers} must exceed "
                        f"n_future={cfg.n_future}")
 

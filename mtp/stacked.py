@@ -28,7 +28,7 @@ def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
     so decoders of every batch size and length share one copy of the weights (a decoder's
     `reset` refreshes it)."""
     heads = [model.head_module(i) for i in range(k)]
-    if not (all(model.parents[i] == TRUNK for i in range(k)) and stackable(heads)):
+    if not (all(model.graph.parents[i] == TRUNK for i in range(k)) and stackable(heads)):
         return None
     kept = model.__dict__.setdefault("_mtp_stacked_heads", {})
     if k not in kept:

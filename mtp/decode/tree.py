@@ -44,7 +44,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.generate import (GenerationConfig, _commit, _Decoder, process_logits, residual_distribution, sample,
                           usable_heads)
-from mtp.model import KVCache, SequentialHead
+from mtp.model import KVCache
 
 Path = tuple[int, ...]
 
@@ -143,7 +143,7 @@ def resolve_tree(model, cfg: GenerationConfig, k: int) -> tuple[Tree | None, int
     tree = Tree.parse(cfg.tree)
     if tree.size == 0:
         return None, 1
-    if model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead):
+    if not model.graph.drafts_in_parallel:
         raise MTPError("a token tree needs heads that draft in parallel (parallel, linear, causal, anticausal): "
                        "sequential heads read their own drafts, so they keep the chain (--speculative)")
     limit = usable_heads(model) - 1 if cfg.speculative is None else k - 1
@@ -454,7 +454,7 @@ def auto_tree(model, texts: Sequence[Sequence[int]], batch: int = 1, max_nodes: 
               max_rank: int = 8, repeats: int = 9, pack_weights: bool | None = None) -> TreeChoice:
     """The tree for this model on this device at this batch size: each drafting head's top-c
     acceptance on the texts, the step cost by tokens verified, then choose_tree."""
-    if model.config.n_future > 1 and isinstance(model.head_module(1), SequentialHead):
+    if not model.graph.drafts_in_parallel:
         raise MTPError("a token tree needs heads that draft in parallel: sequential heads keep the chain")
     t0 = time.perf_counter()
     depth = usable_heads(model) - 1 if max_depth is None else min(max_depth, usable_heads(model) - 1)

@@ -69,7 +69,7 @@ def _refuse_unless_plain(head_type: str, path: list[int]) -> None:
 
 def _check_plain_llama(model: MTPTransformer) -> list[nn.Module]:
     """The blocks of the next-token path, in order; MTPError when the path is not a plain Llama."""
-    _refuse_unless_plain(model.config.head_type, model.next_token_path)
+    _refuse_unless_plain(model.config.head_type, model.graph.path_to(0))
     blocks = list(model.trunk_blocks)
     head = model.head_module(0)  # None: the identity next-token head of linear heads
     if head is not None:
@@ -86,8 +86,7 @@ def hf_llama_config(cfg: ModelConfig) -> "LlamaConfig":
     early on its own; pass `eos_token_id=` to `generate` to stop on one. MTPError when the
     next-token path is more than one block on the trunk (anticausal heads with n_future > 1)."""
     transformers = _transformers()
-    parents = MTPTransformer._parents(cfg.head_type, cfg.n_future)
-    _refuse_unless_plain(cfg.head_type, MTPTransformer._path_to(0, parents))
+    _refuse_unless_plain(cfg.head_type, cfg.head_graph.path_to(0))
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
