@@ -173,9 +173,88 @@ def prepare_run(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overw
     return meta["model"], state
 
 
-def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
-          overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train a model. mcfg=None with resume=True takes the config from the checkpoint."""
+@dataclass
+class _Run:
+    """What the set-up gives the loop: the model and its wrapper, the optimizer, the data and
+    where the run writes."""
+    tcfg: TrainConfig
+    dist: distributed.DistInfo
+    out: Path
+    model: MTPTransformer
+    tokenizer: object
+    par: object  # mtp.parallel.Parallel
+    opt: torch.optim.Optimizer
+    data: object  # mtp.data.TokenData
+    start: int  # the first step to run (the checkpoint's, when resuming)
+    base_weights: list[float]
+    distill: Distill | None
+    trunk_cache: object | None  # mtp.distill.TrunkCache
+    pool_starts: object | None
+    in_update: bool = False  # inside opt.step(): an interrupt then must not save
+    completed: int = 0  # steps whose update is done
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.tcfg
+        return t.batch_size * t.seq_len * t.grad_accum * self.dist.world_size
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, step: int) -> None:
+        """Full weights and a name-keyed optimizer state (gathered to rank 0 under FSDP2), so a
+        checkpoint resumes under any world size, sharded or not."""
+        model_sd, optim_sd = self.par.full_state(self.opt)
+        if self.dist.is_main:
+            trainer_state = {"optimizer": optim_sd, "step": step, "rng": torch.get_rng_state()}
+            save_checkpoint(self.out / "checkpoint", self.model, self.tokenizer, trainer_state=trainer_state,
+                            train_config=self.tcfg.to_dict(), step=step, state_dict=model_sd)
+
+    def evaluate(self) -> dict:
+        with self.par.gathered():
+            return evaluate(self.model, self.data.val, self.tcfg, self.dist.device, self.dist.rank,
+                            self.dist.world_size)
+
+
+def _model_and_tokenizer(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, sharded: bool,
+                         dist_info: distributed.DistInfo):
+    """(model or None: built after the data, model config, tokenizer, full weights to load or
+    None): fine-tuning starts from a checkpoint's weights, --resume from the run's own."""
+    device, model, model_state = dist_info.device, None, None
+    if tcfg.init_from is not None and not resume:  # fine-tuning: weights and tokenizer from a checkpoint
+        if tcfg.tokenizer is not None:
+            raise MTPError(f"the tokenizer comes from {tcfg.init_from}: do not give one")
+        torch.manual_seed(tcfg.seed)  # parameters without a pretrained counterpart start from the seed
+        model, tokenizer = init_model(tcfg, "cpu")
+        if mcfg is not None and mcfg.to_dict() != model.config.to_dict():
+            raise MTPError(f"the model config given differs from the one fine-tuning {tcfg.init_from} gives: "
+                           "leave it out")
+        check_freeze(model.config, tcfg.freeze)
+        return model, model.config, tokenizer, None
+    if mcfg is None:
+        raise MTPError("no model config given")
+    check_freeze(mcfg, tcfg.freeze)
+    if resume and sharded:  # rank 0 reads the weights; they are broadcast once the model is sharded
+        _, tokenizer, _ = inspect_checkpoint(tcfg.out)  # every rank checks the file before any collective
+        if dist_info.is_main:
+            model_state = load_checkpoint(tcfg.out, "cpu")[0].state_dict()
+    elif resume:
+        model, tokenizer, _ = load_checkpoint(tcfg.out, device)
+    else:
+        tokenizer = get_tokenizer(tcfg.tokenizer)
+        check_vocab(tokenizer, mcfg.vocab_size, "the model config")
+    return model, mcfg, tokenizer, model_state
+
+
+def setup(tcfg: TrainConfig, mcfg: ModelConfig | None, resume: bool, overwrite: bool, progress: bool) -> _Run:
+    """Set-up and resume: the checks, the model (fresh, fine-tuned from a checkpoint or resumed),
+    the data, the parallel wrapper and the optimizer, and the run directory."""
     dist_info = distributed.setup(tcfg.device)
     device, main = dist_info.device, dist_info.is_main
     out = Path(tcfg.out)
@@ -183,37 +262,12 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     sharded = tcfg.fsdp and dist_info.world_size > 1
     if tcfg.freeze != "none" and sharded:
         raise MTPError("a frozen trunk is not supported with --fsdp: use data parallel (no --fsdp)")
-    init = None
-    if tcfg.init_from is not None and not resume:  # fine-tuning: weights and tokenizer from a checkpoint
-        if tcfg.tokenizer is not None:
-            raise MTPError(f"the tokenizer comes from {tcfg.init_from}: do not give one")
-        torch.manual_seed(tcfg.seed)  # parameters without a pretrained counterpart start from the seed
-        init, init_tok = init_model(tcfg, "cpu")
-        if mcfg is not None and mcfg.to_dict() != init.config.to_dict():
-            raise MTPError(f"the model config given differs from the one fine-tuning {tcfg.init_from} gives: "
-                           "leave it out")
-        mcfg = init.config
-    if mcfg is None:
-        raise MTPError("no model config given")
-    check_freeze(mcfg, tcfg.freeze)
-    model_state = None
-    if init is not None:
-        tokenizer = init_tok
-    elif resume and sharded:  # rank 0 reads the weights; they are broadcast once the model is sharded
-        _, tokenizer, _ = inspect_checkpoint(out)  # every rank checks the file before any collective
-        if main:
-            model_state = load_checkpoint(out, "cpu")[0].state_dict()
-    elif resume:
-        model, tokenizer, _ = load_checkpoint(out, device)
-    else:
-        tokenizer = get_tokenizer(tcfg.tokenizer)
-        check_vocab(tokenizer, mcfg.vocab_size, "the model config")
+    model, mcfg, tokenizer, model_state = _model_and_tokenizer(tcfg, mcfg, resume, sharded, dist_info)
     if tcfg.seq_len > mcfg.max_seq_len:
         raise MTPError(f"seq_len {tcfg.seq_len} exceeds the model's context max_seq_len {mcfg.max_seq_len}")
     if mcfg.head_offsets[-1] > tcfg.seq_len:
         raise MTPError(f"the head predicting offset {mcfg.head_offsets[-1]} would never see a target: "
                        f"use a seq_len of at least {mcfg.head_offsets[-1]} (got {tcfg.seq_len})")
-
     base_weights = parse_loss_weights(tcfg.loss_weights, mcfg.n_future)
 
     # data: tokenised once into the cache (rank 0 first, the others then open it)
@@ -227,11 +281,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     check_tokens(data.val, tcfg.seq_len, "held-out split")
 
     torch.manual_seed(tcfg.seed)
-    if init is not None:
-        model = init.to(device)
-        del init
-    elif not resume or sharded:
-        model = MTPTransformer(mcfg).to(device)
+    if model is None:
+        model = MTPTransformer(mcfg)
+    model = model.to(device)
     distributed.broadcast_params(model)
     apply_freeze(model, tcfg.freeze)  # before the optimizer: frozen parameters are left out of it
     # activation checkpointing, FSDP2, compilation: applied from outside the model
@@ -243,139 +295,160 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
     del model_state
-    ctx, compute_dtype = autocast_for(device, tcfg.dtype)
     distill = Distill(tcfg.distill_weight, tcfg.distill_temperature) if tcfg.distill else None
-    trunk_cache = None
+    trunk_cache = pool_starts = None
     if tcfg.trunk_cache_windows:  # a fixed pool of windows whose frozen trunk states are cached
-        from mtp.distill import TrunkCache, pool_indices, pool_windows, window_pool
+        from mtp.distill import TrunkCache, window_pool
 
         if dist_info.world_size > 1:
             raise MTPError("the trunk cache runs in one process only: drop --nproc or the cache")
         pool_starts = window_pool(data.train, tcfg.trunk_cache_windows, tcfg.seq_len, tcfg.seed)
         trunk_cache = TrunkCache(default_cache_dir() / "trunk", model, data.train, pool_starts, tcfg.seq_len,
                                  teacher=distill is not None, dtype=tcfg.trunk_cache_dtype)
-
-    metrics_path = out / "metrics.jsonl"
+    run = _Run(tcfg, dist_info, out, model, tokenizer, par, opt, data, start, base_weights, distill,
+               trunk_cache, pool_starts)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:  # the old checkpoint stays until the new run saves over it
-            metrics_path.unlink(missing_ok=True)
-        _rewrite_metrics(metrics_path, start)
-        (out / "run.json").write_text(json.dumps({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                                                  "world_size": dist_info.world_size}, indent=2) + "\n")
+            run.metrics.unlink(missing_ok=True)
+        _rewrite_metrics(run.metrics, start)
+        atomic_write(out / "run.json", [json.dumps({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                                                    "world_size": dist_info.world_size}, indent=2) + "\n"])
+    return run
 
-    def log(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def save(step: int) -> None:
-        """Full weights and a name-keyed optimizer state (gathered to rank 0 under FSDP2), so a
-        checkpoint resumes under any world size, sharded or not."""
-        model_sd, optim_sd = par.full_state(opt)
-        if main:
-            trainer_state = {"optimizer": optim_sd, "step": step, "rng": torch.get_rng_state()}
-            save_checkpoint(out / "checkpoint", model, tokenizer, trainer_state=trainer_state,
-                            train_config=tcfg.to_dict(), step=step, state_dict=model_sd)
+@dataclass
+class StepResult:
+    """One optimizer step's figures, averaged over its micro-batches (and processes)."""
+    lr: float
+    weights: list[float]  # the heads' loss weights at this step
+    loss: float
+    per_head: list[float]
+    grad_norm: float
+    per_head_kl: list[float] | None  # distilling
+    grad_cosine: list[float] | None  # n x n, flattened (log steps with --log-grad-cosine)
 
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist_info.world_size
+
+def train_step(run: _Run, step: int, log_step: bool) -> StepResult:
+    """One optimizer step: grad_accum micro-batches forward and backward, the gradients reduced
+    and clipped, then the update."""
+    tcfg, dist_info, model, par, opt = run.tcfg, run.dist, run.model, run.par, run.opt
+    device, n = dist_info.device, model.config.n_future
+    ctx, compute_dtype = autocast_for(device, tcfg.dtype)
+    lr = lr_at(step, tcfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    weights = loss_weights_at(step, run.base_weights, tcfg)
+    total, per_head = 0.0, [0.0] * n
+    cosine = None  # the heads' gradient cosines, summed over micro-batches (log steps only)
+    per_kl = None  # distilling: the heads' KL to the teacher, averaged over micro-batches
+    for micro in range(tcfg.grad_accum):
+        cached = {}
+        if run.trunk_cache is None:
+            batch = sample_batch(run.data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
+                                 micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
+        else:
+            from mtp.distill import pool_indices, pool_windows
+
+            idx = pool_indices(tcfg.trunk_cache_windows, tcfg.batch_size, seed=tcfg.seed, step=step,
+                               micro=micro, grad_accum=tcfg.grad_accum)
+            batch = pool_windows(run.data.train, run.pool_starts, idx, tcfg.seq_len).to(device)
+            h_c, t_c = run.trunk_cache.states(model, idx, batch)
+            cached = dict(trunk_out=h_c, teacher_out=t_c)
+        with ctx, par.micro_batch(last=micro == tcfg.grad_accum - 1) as on_backward:
+            if tcfg.memory_efficient:
+                res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
+                                        grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
+                                        compile_ce=tcfg.compile, on_backward=on_backward,
+                                        grad_cosine=tcfg.log_grad_cosine and log_step,
+                                        distill=run.distill, **cached)
+                if res.grad_cosine is not None:
+                    cosine = res.grad_cosine if cosine is None else cosine + res.grad_cosine
+            else:
+                res = naive_loss(model, batch, weights, distill=run.distill)
+                (res.loss / tcfg.grad_accum).backward()
+        total += float(res.loss) / tcfg.grad_accum
+        per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
+        if res.per_head_kl is not None:  # distilling: each head's KL to the teacher
+            per_kl = [a + b / tcfg.grad_accum for a, b in zip(per_kl or [0.0] * n, res.per_head_kl)]
+    cos_list = None if cosine is None else (cosine / tcfg.grad_accum).flatten().tolist()
+    if dist_info.world_size > 1:  # log the global batch's loss, the same on every rank
+        reduced = distributed.mean_over_ranks([total, *per_head, *(cos_list or [])], device)
+        total, per_head = reduced[0], reduced[1 : 1 + n]
+        cos_list = reduced[1 + n:] if cos_list is not None else None
+    if not math.isfinite(total):
+        raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
+    par.reduce_grads()  # DDP: one all-reduce; FSDP2: reduce-scattered during the last backward
+    grad_norm = par.clip_grad_norm(tcfg.grad_clip)
+    run.in_update = True
+    opt.step()
+    run.completed, run.in_update = step + 1, False
+    opt.zero_grad(set_to_none=True)
+    return StepResult(lr, weights, total, per_head, grad_norm, per_kl, cos_list)
+
+
+def _finite(xs: list[float]) -> list[float | None]:
+    return [x if math.isfinite(x) else None for x in xs]
+
+
+def train_record(run: _Run, res: StepResult, done: int, tokens_per_s: float) -> dict:
+    """The metrics.jsonl line of a logged step (None: a head that was skipped, or sends no
+    gradient to the trunk)."""
+    record = {"kind": "train", "step": done, "loss": res.loss, "per_head": _finite(res.per_head), "lr": res.lr,
+              "loss_weights": res.weights, "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
+              "tokens": done * run.tokens_per_step}
+    if res.per_head_kl is not None:  # KL(teacher || head) per head, null for head 0
+        record["per_head_kl"] = _finite(res.per_head_kl)
+    if run.trunk_cache is not None:  # windows read from the cache / computed so far
+        record["trunk_cache"] = {"hits": run.trunk_cache.hits, "misses": run.trunk_cache.misses}
+    if res.grad_cosine is not None:  # n x n
+        n = run.model.config.n_future
+        record["grad_cosine"] = [_finite(res.grad_cosine[r * n:(r + 1) * n]) for r in range(n)]
+    return record
+
+
+def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
+          overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train a model. mcfg=None with resume=True takes the config from the checkpoint."""
+    run = setup(tcfg, mcfg, resume, overwrite, progress)
+    start, main = run.start, run.dist.is_main
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=not (progress and main), dynamic_ncols=True)
-    model.train()
-    completed, in_update = start, False
+    run.model.train()
+    run.completed = start
     # tokens/s counts training steps only: evaluation and checkpointing are left out
     last_loss, tok_s, time_window, tokens_window = [], 0.0, 0.0, 0
     try:
         for step in range(start, tcfg.steps):
             t_step = time.perf_counter()
-            lr = lr_at(step, tcfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            per_head = [0.0] * mcfg.n_future
-            total = 0.0
-            weights = loss_weights_at(step, base_weights, tcfg)
-            log_step = (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps
-            cosine = None  # the heads' gradient cosines, summed over micro-batches (log steps only)
-            per_kl = None  # distilling: the heads' KL to the teacher, averaged over micro-batches
-            for micro in range(tcfg.grad_accum):
-                cached = {}
-                if trunk_cache is None:
-                    batch = sample_batch(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed, step=step,
-                                         micro=micro, rank=dist_info.rank, world_size=dist_info.world_size).to(device)
-                else:
-                    idx = pool_indices(tcfg.trunk_cache_windows, tcfg.batch_size, seed=tcfg.seed, step=step,
-                                       micro=micro, grad_accum=tcfg.grad_accum)
-                    batch = pool_windows(data.train, pool_starts, idx, tcfg.seq_len).to(device)
-                    h_c, t_c = trunk_cache.states(model, idx, batch)
-                    cached = dict(trunk_out=h_c, teacher_out=t_c)
-                with ctx, par.micro_batch(last=micro == tcfg.grad_accum - 1) as on_backward:
-                    if tcfg.memory_efficient:
-                        res = mtp_loss_backward(model, batch, weights, chunk=tcfg.ce_chunk,
-                                                grad_scale=1 / tcfg.grad_accum, compute_dtype=compute_dtype,
-                                                compile_ce=tcfg.compile, on_backward=on_backward,
-                                                grad_cosine=tcfg.log_grad_cosine and log_step,
-                                                distill=distill, **cached)
-                        if res.grad_cosine is not None:
-                            cosine = res.grad_cosine if cosine is None else cosine + res.grad_cosine
-                    else:
-                        res = naive_loss(model, batch, weights, distill=distill)
-                        (res.loss / tcfg.grad_accum).backward()
-                total += float(res.loss) / tcfg.grad_accum
-                per_head = [a + b / tcfg.grad_accum for a, b in zip(per_head, res.per_head)]
-                if res.per_head_kl is not None:  # distilling: each head's KL to the teacher
-                    per_kl = [a + b / tcfg.grad_accum for a, b in zip(per_kl or [0.0] * mcfg.n_future, res.per_head_kl)]
-            cos_list = None if cosine is None else (cosine / tcfg.grad_accum).flatten().tolist()
-            if dist_info.world_size > 1:  # log the global batch's loss, the same on every rank
-                reduced = distributed.mean_over_ranks([total, *per_head, *(cos_list or [])], device)
-                total, per_head = reduced[0], reduced[1 : 1 + mcfg.n_future]
-                cos_list = reduced[1 + mcfg.n_future:] if cos_list is not None else None
-            if not math.isfinite(total):
-                raise MTPError(f"training diverged at step {step}: loss is {total} (try a lower --lr)")
-            par.reduce_grads()  # DDP: one all-reduce; FSDP2: reduce-scattered during the last backward
-            grad_norm = par.clip_grad_norm(tcfg.grad_clip)
-            in_update = True
-            opt.step()
-            completed, in_update = step + 1, False
-            opt.zero_grad(set_to_none=True)
-            tokens_window += tokens_per_step
-            time_window += time.perf_counter() - t_step
             done = step + 1
+            log_step = done % tcfg.log_every == 0 or done == tcfg.steps
+            res = train_step(run, step, log_step)
+            tokens_window += run.tokens_per_step
+            time_window += time.perf_counter() - t_step
             if log_step:
                 tok_s = tokens_window / max(time_window, 1e-9)
                 time_window, tokens_window = 0.0, 0
-                last_loss = [x if math.isfinite(x) else None for x in per_head]  # None: a skipped head
-                record = {"kind": "train", "step": done, "loss": total, "per_head": last_loss, "lr": lr,
-                          "loss_weights": weights, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                          "tokens": done * tokens_per_step}
-                if per_kl is not None:  # KL(teacher || head) per head, null for head 0
-                    record["per_head_kl"] = [x if math.isfinite(x) else None for x in per_kl]
-                if trunk_cache is not None:  # windows read from the cache / computed so far
-                    record["trunk_cache"] = {"hits": trunk_cache.hits, "misses": trunk_cache.misses}
-                if cos_list is not None:  # n x n, null where a head sends no gradient to the trunk
-                    n = mcfg.n_future
-                    record["grad_cosine"] = [[c if math.isfinite(c) else None for c in cos_list[r * n:(r + 1) * n]]
-                                             for r in range(n)]
-                log(record)
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tok_s:,.0f}")
+                record = train_record(run, res, done, tok_s)
+                last_loss = record["per_head"]
+                run.log(record)
+                bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                with par.gathered():
-                    held_out = evaluate(model, data.val, tcfg, device, dist_info.rank, dist_info.world_size)
-                log({"kind": "eval", "step": done, **held_out})
+                run.log({"kind": "eval", "step": done, **run.evaluate()})
             if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
-                save(done)
+                run.save(done)
     except KeyboardInterrupt:
         # keep what was trained: the last finished step is saved and can be resumed
         bar.close()
-        if par.fsdp:  # saving gathers the shards, a collective the other ranks may not reach
+        if run.par.fsdp:  # saving gathers the shards, a collective the other ranks may not reach
             print("interrupted: not saved (sharded training); the last periodic checkpoint stands", file=sys.stderr)
-        elif completed > start and not in_update:
-            save(completed)
-            print(f"interrupted: saved step {completed} to {out / 'checkpoint'}", file=sys.stderr)
+        elif run.completed > start and not run.in_update:
+            run.save(run.completed)
+            print(f"interrupted: saved step {run.completed} to {run.out / 'checkpoint'}", file=sys.stderr)
         raise
     bar.close()
-    with par.gathered():
-        final = evaluate(model, data.val, tcfg, device, dist_info.rank, dist_info.world_size)
-    log({"kind": "eval", "step": tcfg.steps, **final})
-    save(tcfg.steps)
-    return TrainResult(out, tcfg.steps, final, tok_s, last_loss, model)
+    final = run.evaluate()
+    run.log({"kind": "eval", "step": tcfg.steps, **final})
+    run.save(tcfg.steps)
+    return TrainResult(run.out, tcfg.steps, final, tok_s, last_loss, run.model)
