@@ -9,6 +9,12 @@ positions, timed in a loop; the settings take turns and each figure is the best 
 
     python benchmarks/decode_step.py runs/demo/n4 --batch-sizes 1,4 --threads 1
     python benchmarks/decode_step.py runs/smollm2/heads --steps 5
+    python benchmarks/decode_step.py runs/smollm2_distill/heads --profile --k 4
+
+--profile: where a step's time goes (torch.profiler, packed weights where they apply), by kind of
+operator, for the greedy step and the k-head step: the matrix products, attention, the rest of
+the operators, and the time no operator accounts for (Python and dispatch between them), with
+the weight bytes a step reads over its time (the memory bandwidth a step reaches).
 """
 
 from __future__ import annotations
@@ -49,6 +55,52 @@ def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int
     return best
 
 
+KINDS = (  # operator name fragments -> kind, first match wins
+    ("matmul", ("mkldnn_linear", "mkl_linear", "addmm", "aten::mm", "aten::bmm", "matmul", "linear")),
+    ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
+    ("norm", ("rsqrt", "rms_norm", "aten::mean", "aten::pow")),
+)
+
+
+def _kind(name: str) -> str:
+    return next((k for k, parts in KINDS if any(p in name for p in parts)), "other ops")
+
+
+def profile_steps(model, batch: int, ks: list[int], position: int, steps: int) -> None:
+    """Print, per k, a step's time split by operator kind (self time of the top-level ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # every matrix once (a tied unembedding counted once): at most what a step reads
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+    print(f"\nwhere a step's time goes (batch {batch}, position {position}, {steps} steps; the model's "
+          f"matrices: {weight_bytes / 2**20:.0f} MiB)")
+    print("| k | ms per step | matmul | attention | norm | other ops | outside ops | weight GB/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad(), (packed_linears(model) if applies(model) else contextlib.nullcontext()):
+        for k in [1] + ks:
+            cfg = GenerationConfig(speculative=k)
+            dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
+            fed = torch.randint(0, model.config.vocab_size, (batch, k))
+            positions = position + torch.arange(k).expand(batch, -1)
+            kv_len = dec.kv_len(position + k)
+            for _ in range(3):
+                dec.greedy_fn(fed, positions, kv_len)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    dec.greedy_fn(fed, positions, kv_len)
+                wall = (time.perf_counter() - t0) / steps
+            by = {"matmul": 0.0, "attention": 0.0, "norm": 0.0, "other ops": 0.0}
+            for e in prof.key_averages():
+                by[_kind(e.key)] += e.self_cpu_time_total / 1e6 / steps
+            ops = sum(by.values())
+            # the profiler's own cost inflates `wall`; the shares are read against its total
+            scale = wall / max(ops, wall)
+            cells = " | ".join(f"{100 * by[n] * scale / wall:.0f}%" for n in by)
+            print(f"| {k} | {wall * 1e3:.2f} | {cells} | {100 * max(wall - ops, 0) / wall:.0f}% | "
+                  f"{weight_bytes / wall / 1e9:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
@@ -58,6 +110,7 @@ def main() -> None:
     ap.add_argument("--position", type=int, default=100, help="where in the context the steps sit")
     ap.add_argument("--steps", type=int, default=100, help="steps per timing")
     ap.add_argument("--rounds", type=int, default=7, help="timings per setting; the fastest is reported")
+    ap.add_argument("--profile", action="store_true", help="also split a step's time by operator kind")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,6 +130,8 @@ def main() -> None:
                 if k > 1:
                     print(f"| {b} | {weights} | {k} | {'stacked' if stacked else 'own blocks'} | {sec * 1e3:.3f} "
                           f"| {sec / greedy:.2f} |", flush=True)
+        if args.profile:
+            profile_steps(model, b, ks, args.position, min(args.steps, 30))
 
 
 if __name__ == "__main__":
