@@ -39,8 +39,12 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param, self.code, self.kind)
 
 
+def error_body(message: str, param=None, code=None, kind="invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = error_body(message, param, code, kind)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -193,8 +197,9 @@ class _Pending:
 
 
 class EventStream(Response):
-    """Server-sent events from a _Pending request, in OpenAI's chunk format (`chunks` turns an
-    engine event into zero or more JSON objects), ending with `data: [DONE]`."""
+    """Server-sent events from a _Pending request, in OpenAI's chunk format (`chunks` turns a
+    delta or done event into zero or more JSON objects; an error event becomes OpenAI's error
+    object), ending with `data: [DONE]`."""
 
     media_type = "text/event-stream"
 
@@ -213,7 +218,8 @@ class EventStream(Response):
                 ev = await self.pending.next(disconnected)
                 if ev is None:
                     return
-                for obj in self.chunks(ev):
+                objs = [error_body(ev.message, kind="server_error")] if ev.kind == "error" else self.chunks(ev)
+                for obj in objs:
                     await send({"type": "http.response.body", "body": _sse(obj), "more_body": True})
                 if ev.kind in ("done", "error"):
                     break
@@ -227,6 +233,18 @@ class EventStream(Response):
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _reply_maker(rid: str, model: str):
+    """The envelope of every object one request answers with: obj(kind, choices[, usage])."""
+    created = int(time.time())
+
+    def obj(kind: str, choices: list, usage: dict | None = None) -> dict:
+        out = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+    return obj
 
 
 def _usage(ev: Event) -> dict:
@@ -301,32 +319,24 @@ class Server:
         self.engine_check(ids)
         pending = _Pending(self, ids, s, self._max_tokens(s, ids, 16))
         pending.submit()
-        rid, created = next_id("cmpl"), int(time.time())
-
-        def obj(choices, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+        obj = _reply_maker(next_id("cmpl"), self.model_name)
 
         if s.stream:
             def chunks(ev: Event):
-                if ev.kind == "error":
-                    return [{"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}}]
                 out = []
                 if ev.text or ev.kind == "done":
-                    out.append(obj([{"index": 0, "text": ev.text, "logprobs": None,
-                                     "finish_reason": ev.finish if ev.kind == "done" else None}]))
+                    out.append(obj("text_completion", [{"index": 0, "text": ev.text, "logprobs": None,
+                                                        "finish_reason": ev.finish if ev.kind == "done" else None}]))
                 if ev.kind == "done" and s.include_usage:
-                    out.append(obj([], _usage(ev)))
+                    out.append(obj("text_completion", [], _usage(ev)))
                 return out
             return EventStream(pending, chunks, [])
         result = await self._collect(request, pending)
         if result is None:
             return Response(status_code=499)
         text, ev = result
-        return JSONResponse(obj([{"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish}], _usage(ev)))
+        return JSONResponse(obj("text_completion", [{"index": 0, "text": text, "logprobs": None,
+                                                     "finish_reason": ev.finish}], _usage(ev)))
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
@@ -344,18 +354,10 @@ class Server:
         self.engine_check(ids)
         pending = _Pending(self, ids, s, self._max_tokens(s, ids, None))
         pending.submit()
-        rid, created = next_id("chatcmpl"), int(time.time())
-
-        def obj(kind, choices, usage=None):
-            out = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+        obj = _reply_maker(next_id("chatcmpl"), self.model_name)
 
         if s.stream:
             def chunks(ev: Event):
-                if ev.kind == "error":
-                    return [{"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}}]
                 out = []
                 if ev.text:
                     out.append(obj("chat.completion.chunk", [{"index": 0, "delta": {"content": ev.text},
