@@ -30,22 +30,24 @@ from mtp.generate import GenerationConfig, _Decoder, usable_heads
 from mtp.packed import applies, packed_linears
 
 
+def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True):
+    """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
+    cfg = GenerationConfig(speculative=k, stack_heads=stacked)
+    dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
+    fed = torch.randint(0, model.config.vocab_size, (batch, k))
+    positions = position + torch.arange(k).expand(batch, -1)
+    return dec, fed, positions, dec.kv_len(position + k)
+
+
 def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int = 100, rounds: int = 7,
                packed: bool = False) -> dict:
     """{(k, stacked): seconds per step}; k = 1 is the plain greedy step."""
     settings = [(1, True)] + [(k, s) for k in ks for s in (True, False)]
-    runs = {}
-    for k, stacked in settings:
-        cfg = GenerationConfig(speculative=k, stack_heads=stacked)
-        dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
-        fed = torch.randint(0, model.config.vocab_size, (batch, k))
-        positions = position + torch.arange(k).expand(batch, -1)
-        runs[(k, stacked)] = (dec, fed, positions)
+    runs = {(k, stacked): step_inputs(model, k, batch, position, stacked) for k, stacked in settings}
     best = {}
     with torch.no_grad(), (packed_linears(model) if packed else contextlib.nullcontext()):
         for _ in range(rounds):
-            for key, (dec, fed, positions) in runs.items():
-                kv_len = dec.kv_len(position + key[0])
+            for key, (dec, fed, positions, kv_len) in runs.items():
                 for _ in range(2):
                     dec.greedy_fn(fed, positions, kv_len)
                 t0 = time.perf_counter()
@@ -78,11 +80,7 @@ def profile_steps(model, batch: int, ks: list[int], position: int, steps: int) -
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad(), (packed_linears(model) if applies(model) else contextlib.nullcontext()):
         for k in [1] + ks:
-            cfg = GenerationConfig(speculative=k)
-            dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
-            fed = torch.randint(0, model.config.vocab_size, (batch, k))
-            positions = position + torch.arange(k).expand(batch, -1)
-            kv_len = dec.kv_len(position + k)
+            dec, fed, positions, kv_len = step_inputs(model, k, batch, position)
             for _ in range(3):
                 dec.greedy_fn(fed, positions, kv_len)
             with profile(activities=[ProfilerActivity.CPU]) as prof:

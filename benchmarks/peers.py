@@ -150,7 +150,7 @@ def main() -> None:
             return out.tokens[0], out.stats.forward_passes
         return run
 
-    hf = to_hf_llama(model) if (wanted("transformers")) else None
+    hf = to_hf_llama(model) if wanted("transformers") else None
 
     def hf_plain(p):
         return hf_greedy(hf, [p], N)[0][0], None
@@ -164,7 +164,7 @@ def main() -> None:
         return out[0, len(p):].tolist(), None
 
     llamas = {}
-    if any(wanted(n) for n in ("llama.cpp",)):
+    if wanted("llama.cpp"):
         try:
             import llama_cpp
         except ImportError:

@@ -108,7 +108,7 @@ def main() -> None:
     from mtp.checkpoint import load_checkpoint
     from mtp.generate import GenerationConfig, generate
 
-    _, tok, _ = load_checkpoint(base)
+    original, tok, _ = load_checkpoint(base)  # its greedy output is step 5's reference
     nl_file = out / "nl_prompts.jsonl"  # CoQA stories cut to --prompt-len tokens
     nl = story_prompts(tok, args.n_prompts, args.prompt_len, stories=slice(250, None))
     nl_file.write_text("".join(json.dumps({"prompt": tok.decode(p)}) + "\n" for p in nl))
@@ -120,7 +120,6 @@ def main() -> None:
 
     print("[5/5] speculative output of the heads model vs the original model's greedy", file=sys.stderr)
     sets = {"code": corpus_prompts(["stdlib"], tok, 4, args.prompt_len), "nl": nl[:4]}
-    original, _, _ = load_checkpoint(base)
     ref = {k: generate(original.eval(), p, GenerationConfig(max_new_tokens=args.max_new_tokens, speculative=1))
            for k, p in sets.items()}
     del original
