@@ -1,6 +1,6 @@
 """What one decode step costs: a plain greedy step against a speculative step with k heads, with
 the heads run as one batched block (`stack_heads`, the default) or each as its own block, and
-with the linear layers' weights as they are or prepacked for the CPU (`pack_weights`, mtp.packed).
+with the linear layers' weights as they are or prepacked for the CPU (`pack_weights`, mtp.decode.packed).
 
 A speculative step pays off only when it yields more tokens than it costs greedy steps, so the
 `x greedy` column is the tokens per forward a model's heads must reach for a speedup at that k.
@@ -26,14 +26,15 @@ import time
 import torch
 
 from mtp.checkpoint import load_checkpoint
-from mtp.generate import GenerationConfig, _Decoder, usable_heads
-from mtp.packed import applies, packed_linears
+from mtp.decode.decoder import Decoder
+from mtp.decode.packed import applies, packed_linears
+from mtp.generate import GenerationConfig, usable_heads
 
 
 def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True):
     """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
     cfg = GenerationConfig(speculative=k, stack_heads=stacked)
-    dec = _Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
+    dec = Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
     fed = torch.randint(0, model.config.vocab_size, (batch, k))
     positions = position + torch.arange(k).expand(batch, -1)
     return dec, fed, positions, dec.kv_len(position + k)
@@ -49,10 +50,10 @@ def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int
         for _ in range(rounds):
             for key, (dec, fed, positions, kv_len) in runs.items():
                 for _ in range(2):
-                    dec.greedy_fn(fed, positions, kv_len)
+                    dec.greedy_step_fn(fed, positions, kv_len)
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    dec.greedy_fn(fed, positions, kv_len)
+                    dec.greedy_step_fn(fed, positions, kv_len)
                 best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) / steps)
     return best
 
@@ -82,11 +83,11 @@ def profile_steps(model, batch: int, ks: list[int], position: int, steps: int) -
         for k in [1] + ks:
             dec, fed, positions, kv_len = step_inputs(model, k, batch, position)
             for _ in range(3):
-                dec.greedy_fn(fed, positions, kv_len)
+                dec.greedy_step_fn(fed, positions, kv_len)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    dec.greedy_fn(fed, positions, kv_len)
+                    dec.greedy_step_fn(fed, positions, kv_len)
                 wall = (time.perf_counter() - t0) / steps
             by = {"matmul": 0.0, "attention": 0.0, "norm": 0.0, "other ops": 0.0}
             for e in prof.key_averages():

@@ -19,7 +19,7 @@ import torch
 
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate, usable_heads
-from mtp.packed import will_pack
+from mtp.decode.packed import will_pack
 
 
 def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,

@@ -8,7 +8,7 @@ import pytest
 
 from mtp.cli import main
 from mtp.generate import GenerationConfig, generate
-from mtp.packed import available as packed_available
+from mtp.decode.packed import available as packed_available
 from mtp.tokenizers import ByteTokenizer
 
 

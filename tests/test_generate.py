@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from mtp.config import HEAD_TYPES, ModelConfig
+from mtp.decode.compile import kept_decoders
+from mtp.decode.sampling import greedy_accept, process_logits
 from mtp.errors import MTPError
-from mtp.generate import GenerationConfig, generate, greedy_accept, process_logits, usable_heads
+from mtp.generate import GenerationConfig, generate, usable_heads
 from mtp.losses import naive_loss
 from mtp.model import MTPTransformer
 from mtp.tokenizers import ByteTokenizer
@@ -326,7 +328,7 @@ def test_speculative_sampling_matches_plain_sampling(head_type, k, kw):
 def test_chi_square_catches_a_wrong_residual(monkeypatch):
     """The same test fails when a rejected draft is replaced by a sample from p instead of
     from normalize(max(p - q, 0)): the test can tell the right residual from a wrong one."""
-    import mtp.generate as gen
+    import mtp.decode.sampling as gen
 
     model, prompt, n = sampling_model("parallel"), [1, 3, 0], 3
     probs = exact_joint(model, prompt, n, 1.0, None, 1.0)
@@ -358,7 +360,7 @@ def test_compiled_decoding_equals_eager(head_type):
         # the same drafts too: wrong drafts leave the tokens right (the verifier decides) but cost speed
         assert out.stats.forward_passes == eager.stats.forward_passes
         assert out.stats.acceptance_by_head == pytest.approx(eager.stats.acceptance_by_head)
-    assert len(model._compiled_decoders) == 1
+    assert len(kept_decoders(model)) == 1
     if head_type == "parallel":
         # on a CPU the weights are compiled in as constants: changed weights must be compiled again
         with torch.no_grad():
@@ -375,9 +377,9 @@ def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
     """The GPU's compile plan (weights as graph inputs, mode reduce-overhead, whose CUDA graphs a
     CPU leaves out) run on a CPU: greedy and sampled tokens equal eager decoding's, so the step
     graphs that update the decoder's state in place are checked before a GPU ever runs them."""
-    import mtp.generate as G
+    import mtp.decode.compile as C
 
-    monkeypatch.setattr(G, "_compile_plan", lambda device: (dict(mode="reduce-overhead"), lambda fn: fn, False))
+    monkeypatch.setattr(C, "compile_plan", lambda device: (dict(mode="reduce-overhead"), lambda fn: fn, False))
     model = trained_copy(head_type)  # it keeps this plan's decoders
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]
@@ -385,7 +387,7 @@ def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
     out = generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, compile=True))
     assert out.tokens == refs
     assert out.stats.forward_passes == eager.stats.forward_passes
-    assert model._compiled_decoders and all(d.weights is None for d in model._compiled_decoders.values())
+    assert kept_decoders(model) and all(d.weights is None for d in kept_decoders(model).values())
     sampled = [generate(model, prompts, GenerationConfig(max_new_tokens=16, speculative=3, temperature=0.8,
                                                          seed=5, compile=c)).tokens for c in (False, True)]
     assert sampled[0] == sampled[1]
@@ -407,3 +409,30 @@ def test_greedy_accept_takes_the_longest_matching_prefix():
             assert new[b, : n + 1].tolist() == target[b, : n + 1].tolist()
         if k == 4:
             assert set(a.tolist()) == {0, 1, 2, 3}
+
+
+def test_decoding_keeps_nothing_on_the_model(monkeypatch):
+    """What decoding keeps between calls (compiled decoders, stacked heads' weights, packed
+    weights) is kept for the model, not in it, and goes when the model goes."""
+    import gc
+    import weakref
+
+    import mtp.decode.compile as C
+    from mtp.decode import packed, stacked
+
+    # dynamo traces the step functions, nothing is compiled: the registry is what is tested
+    monkeypatch.setattr(C, "compile_plan", lambda device: (dict(backend="eager"), lambda fn: fn, False))
+    model = trained_copy("parallel")
+    before = set(model.__dict__)
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 8) for p in prompts]
+    for compiled, pack in ((True, False), (False, packed.available())):
+        out = generate(model, prompts, GenerationConfig(max_new_tokens=8, speculative=3, compile=compiled,
+                                                        pack_weights=pack))
+        assert out.tokens == refs
+    assert set(model.__dict__) == before
+    assert len(C.kept_decoders(model)) == 1 and model in stacked._stacked
+    gone = weakref.ref(model)
+    del model, out
+    gc.collect()
+    assert gone() is None  # nothing kept for it holds it

@@ -13,7 +13,8 @@ from torch.testing import assert_close
 from mtp.config import HEAD_TYPES, ModelConfig, preset
 from mtp.errors import MTPError
 from mtp.losses import multi_token_targets, naive_loss
-from mtp.model import KVCache, MTPTransformer, cached_attention
+from mtp.decode.cache import KVCache, cached_attention
+from mtp.model import MTPTransformer
 
 V = 61  # a vocabulary size that matches no other dimension
 

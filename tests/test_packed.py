@@ -1,4 +1,4 @@
-"""Prepacked linear weights for CPU decoding (mtp.packed) compute what F.linear computes, follow
+"""Prepacked linear weights for CPU decoding (mtp.decode.packed) compute what F.linear computes, follow
 weight changes, leave the model as it was, and decode the same tokens."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mtp import packed
+from mtp.decode import packed
 from mtp.config import ModelConfig
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate
@@ -56,7 +56,7 @@ def test_packed_copies_follow_weight_changes():
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
     packed.release(model)
-    assert packed._ATTR not in model.__dict__
+    assert model not in packed._packed_weights
 
 
 @pytest.mark.parametrize("head_type", ["parallel", "sequential"])

@@ -1,4 +1,4 @@
-"""Parallel heads run as one batched block (mtp.stacked) compute what the heads' own blocks do:
+"""Parallel heads run as one batched block (mtp.decode.stacked) compute what the heads' own blocks do:
 the same next-token output and cache entries (bit for bit), the same drafts (the drafting heads
 run at one position only: equal up to float rounding), the same generated tokens."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mtp.config import ModelConfig
-from mtp.generate import GenerationConfig, _Decoder, generate
+from mtp.decode.decoder import Decoder
+from mtp.generate import GenerationConfig, generate
 from mtp.model import MTPTransformer
 
 
@@ -20,7 +21,7 @@ def model_for(head_type="parallel", n_kv_heads=2, seed=0):
 
 
 def decoders(model, k, B, **kw):
-    return [_Decoder(model, k, B, 48, GenerationConfig(speculative=k, stack_heads=s, **kw)).reset(GenerationConfig())
+    return [Decoder(model, k, B, 48, GenerationConfig(speculative=k, stack_heads=s, **kw)).reset(GenerationConfig())
             for s in (True, False)]
 
 
@@ -37,8 +38,8 @@ def test_stacked_heads_equal_their_own_blocks(n_kv_heads, k):
     steps = [(torch.randint(0, 16, (B, 7), generator=g), torch.arange(7).expand(B, -1)),
              (torch.randint(0, 16, (B, k), generator=g), torch.tensor([[2], [6], [4]]) + torch.arange(k))]
     for tokens, positions in steps:
-        h_s, state = stacked._forward(tokens, positions, 16)
-        h_p, extra = plain._forward(tokens, positions, 16)
+        h_s, state = stacked.forward(tokens, positions, 16)
+        h_p, extra = plain.forward(tokens, positions, 16)
         assert torch.equal(h_s, h_p)  # the next-token head, bit for bit
         for _ in range(3):  # the drafting heads at any index of the step
             idx = torch.randint(0, tokens.shape[1], (B,), generator=g)
@@ -71,14 +72,14 @@ def test_the_stacked_copy_follows_weight_changes():
     model = model_for()
     stacked, _ = decoders(model, 3, B=1)
     tokens, positions = torch.tensor([[1, 2, 3]]), torch.arange(3)[None]
-    before = stacked._forward(tokens, positions, 8)[0].clone()
+    before = stacked.forward(tokens, positions, 8)[0].clone()
     for p in model.extra_heads[0].parameters():
         p.mul_(1.5)
     model.layers[-1].feed_forward.w2.weight.mul_(-1)
     stacked.reset(GenerationConfig())
     _, plain = decoders(model, 3, B=1)
-    h_s, state = stacked._forward(tokens, positions, 8)
-    h_p, extra = plain._forward(tokens, positions, 8)
+    h_s, state = stacked.forward(tokens, positions, 8)
+    h_p, extra = plain.forward(tokens, positions, 8)
     assert not torch.equal(h_s, before)
     assert torch.equal(h_s, h_p)
     idx = torch.tensor([2])
@@ -90,7 +91,7 @@ def test_the_stacked_copy_follows_weight_changes():
                                           ("linear", 3)])
 def test_only_parallel_transformer_heads_are_stacked(head_type, k):
     model = model_for(head_type)
-    dec = _Decoder(model, k, 1, 16, GenerationConfig(speculative=k)).reset(GenerationConfig())
+    dec = Decoder(model, k, 1, 16, GenerationConfig(speculative=k)).reset(GenerationConfig())
     assert dec.stacked is None
     assert dec.cache.stacked is None
 
@@ -98,6 +99,6 @@ def test_only_parallel_transformer_heads_are_stacked(head_type, k):
 def test_decoders_share_one_stacked_copy_per_k():
     """Compiled decoders are kept per shape: they must not each hold a copy of the heads' weights."""
     model = model_for()
-    a, b = (_Decoder(model, 3, batch, 16, GenerationConfig(speculative=3)) for batch in (1, 4))
-    c = _Decoder(model, 2, 1, 16, GenerationConfig(speculative=2))
+    a, b = (Decoder(model, 3, batch, 16, GenerationConfig(speculative=3)) for batch in (1, 4))
+    c = Decoder(model, 2, 1, 16, GenerationConfig(speculative=2))
     assert a.stacked is b.stacked and a.stacked is not c.stacked

@@ -16,7 +16,8 @@ from mtp.config import ModelConfig
 from mtp.decode import tree as T
 from mtp.decode.tree import Tree, TreeSteps, choose_tree, measure_acceptance, measure_step_cost
 from mtp.errors import MTPError
-from mtp.generate import GenerationConfig, _Decoder, generate
+from mtp.decode.decoder import Decoder
+from mtp.generate import GenerationConfig, generate
 from mtp.losses import naive_loss
 from mtp.model import MTPTransformer
 from test_generate import (RAGGED, chi_square_pvalue, exact_joint, prompts_for, reference_greedy, sample_counts,
@@ -142,16 +143,16 @@ def test_accepted_nodes_keys_and_values_move_to_their_positions(head_type, stack
     def run(move):
         monkeypatch.setattr(T, "move_accepted", move)
         cfg = GenerationConfig(max_new_tokens=8, tree=tree, stack_heads=stack)
-        dec = _Decoder(model, 3, B, 32, cfg).reset(cfg)
+        dec = Decoder(model, 3, B, 32, cfg).reset(cfg)
         dec.start(prompts, [8, 8])
-        dec._forward(dec.seq[:, :9], torch.arange(9).expand(B, -1), 32)  # prefill (row 0 past its end: rewritten)
-        dec.L.copy_(L + 1)
+        dec.forward(dec.seq[:, :9], torch.arange(9).expand(B, -1), 32)  # prefill (row 0 past its end: rewritten)
+        dec.lengths.copy_(L + 1)
         dec.seq[torch.arange(B), L] = torch.tensor([g[0] for g in greedy])  # the first token, committed
         steps = TreeSteps(dec, tree)
         # the root is g1: nodes 1 (0), 3 (0,0) and 4 (1,0) wrong, 2 (1) = g2, 5 (1,1) = g3
         wrong = [min(set(range(32)) - {g[1], g[2]}) for g in greedy]
         steps.nodes = torch.tensor([[w, g[1], w, w, g[2]] for w, g in zip(wrong, greedy)])
-        host = steps.step(32, None)
+        host = steps.advance(int(L.max()) + 1, None)  # attention reads all 32 slots
         return dec, host
 
     dec, host = run(T.move_accepted)
@@ -164,10 +165,10 @@ def test_accepted_nodes_keys_and_values_move_to_their_positions(head_type, stack
 
     def reference():
         cfg = GenerationConfig(stack_heads=stack)
-        ref = _Decoder(model, 3, B, 32, cfg).reset(cfg)
+        ref = Decoder(model, 3, B, 32, cfg).reset(cfg)
         n = max(len(c) for c in committed)
         toks = torch.tensor([c + [0] * (n - len(c)) for c in committed])
-        ref._forward(toks, torch.arange(n).expand(B, -1), 32)
+        ref.forward(toks, torch.arange(n).expand(B, -1), 32)
         return ref
 
     ref = reference()

@@ -41,10 +41,11 @@ from typing import Sequence
 
 import torch
 
+from mtp.decode.cache import KVCache
+from mtp.decode.decoder import Decoder
+from mtp.decode.sampling import process_logits, residual_distribution, sample, tokens_to_commit
 from mtp.errors import MTPError
-from mtp.generate import (GenerationConfig, _commit, _Decoder, process_logits, residual_distribution, sample,
-                          usable_heads)
-from mtp.model import KVCache
+from mtp.generate import GenerationConfig, usable_heads
 
 Path = tuple[int, ...]
 
@@ -159,9 +160,10 @@ def resolve_tree(model, cfg: GenerationConfig, k: int) -> tuple[Tree | None, int
 # ---- a tree step ----------------------------------------------------------------------------
 class TreeSteps:
     """The tree's index tensors on the decoder's device and the tree steps of one generate()
-    call: `start` after the prefill, then `step` once per decode step."""
+    call: `start` after the prefill, then `advance` once per decode step (as
+    `mtp.decode.chain.ChainSteps`)."""
 
-    def __init__(self, dec: _Decoder, tree: Tree):
+    def __init__(self, dec: Decoder, tree: Tree):
         self.dec, self.tree, self.model = dec, tree, dec.model
         dev = dec.device
         N, D = tree.size, tree.depth
@@ -216,17 +218,19 @@ class TreeSteps:
         in_tree = self.anc[:, rel.clamp(0, N)].transpose(0, 1) & ((rel >= 0) & (rel <= N))[:, None]  # (B, T, S)
         return ((rel < 0)[:, None] | in_tree)[:, None]
 
-    def step(self, kv_len: int, eot_id: int | None) -> torch.Tensor:
-        """One tree step of every row -> commit()'s host tensor (tokens of width depth + 1)."""
+    def advance(self, longest: int, eot_id: int | None) -> torch.Tensor:
+        """One tree step of every row; longest: an upper bound of the rows' committed lengths ->
+        commit()'s result for the host, packed (tokens of width depth + 1)."""
         dec = self.dec
-        root = dec.L - 1  # (B,) the root's slot and position
+        kv_len = dec.kv_len(longest - 1 + self.tree.size)  # the tree's last slot is lengths - 1 + its size
+        root = dec.lengths - 1  # (B,) the root's slot and position
         fed = torch.cat([dec.seq.gather(1, root[:, None]), self.nodes], 1)  # (B, N + 1)
-        h, extra = dec._forward(fed, root[:, None] + self.depth, kv_len, root[:, None] + self.ar_T,
+        h, extra = dec.forward(fed, root[:, None] + self.depth, kv_len, root[:, None] + self.ar_T,
                                 self.mask(root, kv_len))
         logits = self.model.logits(h)  # (B, N + 1, V)
         path, m, bonus = self._walk_greedy(logits) if dec.cfg.greedy else self._walk_sampling(logits)
         last = path.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0] * (m > 0)  # (B,) the last accepted node
-        new = _commit(fed.gather(1, path), bonus, m)  # (B, D + 1): the path's tokens, then the bonus
+        new = tokens_to_commit(fed.gather(1, path), bonus, m)  # (B, D + 1): the path's tokens, then the bonus
         self._candidates(extra, last)  # before the move: the stacked heads' drafting reads the tree's slots
         move_accepted(self.caches, root, path, m)
         dec.count(m)
@@ -347,7 +351,7 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
     moving keys and values, commit, the transfer to the host) of a tree of T - 1 nodes using the
     k - 1 drafting heads, after `context` committed positions. Each the median of `repeats`
     steps; the sizes take turns within each round."""
-    from mtp.packed import packed_linears, will_pack
+    from mtp.decode.packed import packed_linears, will_pack
 
     dev = model.output.weight.device
     V, depth = model.config.vocab_size, max(k - 1, 1)
@@ -366,15 +370,16 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
 
     def prepared(T: int):
         cfg = GenerationConfig(max_new_tokens=room)
-        dec = _Decoder(model, 1 if T == 1 else k, batch, max_len, cfg).reset(cfg)
+        dec = Decoder(model, 1 if T == 1 else k, batch, max_len, cfg).reset(cfg)
         dec.start(prompts, [room] * batch)
-        h, extra = dec._forward(dec.seq[:, :context], torch.arange(context, device=dev).expand(batch, -1),
-                                dec.kv_len(context - 1))
+        h, extra = dec.forward(dec.seq[:, :context], torch.arange(context, device=dev).expand(batch, -1),
+                               dec.kv_len(context - 1))
         if T == 1:
-            return dec, lambda: dec.round_fn(dec.kv_len(max_len - 1), None)
+            return dec, lambda: dec.greedy_round_fn(dec.kv_len(max_len - 1), None)
         steps = TreeSteps(dec, tree_of(T - 1))
-        steps.start(extra, dec.L - 1)
-        return dec, lambda: steps.step(dec.kv_len(max_len - 1), None)
+        steps.start(extra, dec.lengths - 1)
+        # attention reads the whole cache, as the longest row's last step would
+        return dec, lambda: steps.advance(max_len - steps.tree.size, None)
 
     was_training = model.training
     model.eval()

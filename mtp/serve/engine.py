@@ -11,10 +11,10 @@ views of the first n rows of every cache (no copy, no padding, and no work for i
 - a request that finishes, or whose client went away, leaves between two steps: the last row in
   use moves into its row (one row's cache entries copied), so the rows in use stay 0..n-1.
 
-The parallel heads' shared cache (`mtp.stacked`: head h's rows at h * B .. h * B + B - 1) cannot
+The parallel heads' shared cache (`mtp.decode.stacked`: head h's rows at h * B .. h * B + B - 1) cannot
 be viewed as "the first n rows of every head" for every n at once, so it is kept laid out for the
 current n and re-laid (the used positions of the rows in use copied) when n changes. A hook in
-mtp.stacked that read that cache as (heads, rows, ...) would make this a view too.
+mtp.decode.stacked that read that cache as (heads, rows, ...) would make this a view too.
 
 What is guaranteed: a greedy request's tokens are the ones `generate` gives for its prompt alone
 (the same forward pass per row, the same acceptance and drafts; rows never read each other's cache
@@ -24,7 +24,7 @@ equals `mtp generate --seed S` for that prompt, whatever else is running. Both h
 point: a row's products computed in a batch of n may round differently from the same row alone
 (tested equal on float32 CPU models; a near-tie of two logits could still break differently).
 
-Everything this module takes from the decoder's internals (`_Decoder`, `ModelCache`'s fields,
+Everything this module takes from the decoder's internals (`Decoder`, `ModelCache`'s fields,
 `StackedHeads.draft`) is used here and nowhere else in mtp.serve.
 """
 
@@ -46,10 +46,13 @@ import torch
 import torch.nn as nn
 
 from mtp.errors import MTPError
-from mtp.generate import (GenerationConfig, _accept, _cut_at_stop, _Decoder, _hit_stop, _strip_stop,
-                          greedy_accept, process_logits, resolve_k, sample)
-from mtp.model import KVCache, ModelCache, MTPTransformer
-from mtp.packed import packed_linears, will_pack
+from mtp.decode.cache import KVCache, ModelCache
+from mtp.decode.decoder import Decoder
+from mtp.decode.packed import packed_linears, will_pack
+from mtp.decode.sampling import accept, greedy_accept, process_logits, sample
+from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
+from mtp.generate import GenerationConfig, resolve_k
+from mtp.model import MTPTransformer
 
 
 # ---- what the API layer hands in and gets back ----------------------------------------------
@@ -106,7 +109,7 @@ class _Row:
 
 
 def _choose(row: _Row, logits: torch.Tensor):
-    """As _Decoder.choose, with this row's settings and generator."""
+    """As Decoder.choose, with this row's settings and generator."""
     if row.cfg.greedy:
         return logits.argmax(-1), None
     probs = process_logits(logits, row.cfg.temperature, row.cfg.top_k, row.cfg.top_p)
@@ -163,7 +166,7 @@ class Engine:
         cfg = GenerationConfig(speculative=self.k, kv_bucket=kv_bucket)
         cfg.validate()
         # the pool: one decoder of max_batch rows, room for the last step's drafts past the context
-        self.dec = _Decoder(model, self.k, max_batch, self.context + self.k, cfg).reset(cfg)
+        self.dec = Decoder(model, self.k, max_batch, self.context + self.k, cfg).reset(cfg)
         if self.dec.sequential and self.k > 1:
             raise MTPError("mtp serve: speculative decoding with sequential heads is not supported yet; "
                            "use --speculative 1")
@@ -176,7 +179,7 @@ class Engine:
                               if i >= self.n_stacked and isinstance(self.pool.heads[i], KVCache))]
         self.device = self.dec.device
         self.pack = will_pack(model, pack_weights, False)
-        self._views: dict[int, _Decoder] = {}
+        self._views: dict[int, Decoder] = {}
         self.layout = 0  # the stacked cache is laid out for this many rows
         self.rows: list[_Row] = []
         self.pending: deque[Request] = deque()
@@ -298,7 +301,7 @@ class Engine:
         self.rows, self.layout = [], 0
 
     # -- rows joining and leaving -------------------------------------------------------------
-    def _view(self, n: int) -> _Decoder:
+    def _view(self, n: int) -> Decoder:
         """A decoder over rows 0..n-1 (the stacked cache laid out for n rows)."""
         if n not in self._views:
             vd = copy.copy(self.dec)
@@ -348,7 +351,7 @@ class Engine:
         self.prompt_tokens += len(req.prompt)
         T0 = len(req.prompt)
         tokens = torch.tensor([req.prompt], dtype=torch.long, device=dev)
-        h, extra = vd._forward(tokens, torch.arange(T0, device=dev)[None], self.dec.kv_len(T0 - 1))
+        h, extra = vd.forward(tokens, torch.arange(T0, device=dev)[None], self.dec.kv_len(T0 - 1))
         self.forward_passes += 1
         last = torch.tensor([T0 - 1], device=dev)
         first, _ = _choose(row, model.logits(h[:, T0 - 1]))  # (1,)
@@ -374,7 +377,7 @@ class Engine:
         self.rows = [self.rows[i] for i in order]
 
     # -- a decode step ------------------------------------------------------------------------
-    def _drafts(self, vd: _Decoder, extra, idx: torch.Tensor, rows: list[_Row]):
+    def _drafts(self, vd: Decoder, extra, idx: torch.Tensor, rows: list[_Row]):
         """Heads 2..k's drafts at index idx (B,) of the last forward pass -> (tokens as lists,
         the sampled rows' proposals (1, k - 1, V) as a list, None for greedy rows)."""
         if vd.stacked is not None:
@@ -400,7 +403,7 @@ class Engine:
         fed = torch.tensor([[r.tokens[-1], *r.drafts] for r in rows], dtype=torch.long, device=dev)  # (n, k)
         L = torch.tensor([r.L for r in rows], device=dev)
         positions = (L - 1)[:, None] + torch.arange(k, device=dev)
-        h, extra = vd._forward(fed, positions, self.dec.kv_len(max(r.L for r in rows) + k - 2))
+        h, extra = vd.forward(fed, positions, self.dec.kv_len(max(r.L for r in rows) + k - 2))
         self.forward_passes += 1
         logits = model.logits(h)  # (n, k, V)
         drafts = fed[:, 1:] if k > 1 else None
@@ -410,7 +413,7 @@ class Engine:
             new, a = new.clone(), a.clone()
             for i in sampled:  # speculative sampling, as generate's, with the row's own generator
                 r = rows[i]
-                ni, ai = _accept(SimpleNamespace(cfg=r.cfg, generator=r.generator), logits[i : i + 1],
+                ni, ai = accept(SimpleNamespace(cfg=r.cfg, generator=r.generator), logits[i : i + 1],
                                  None if drafts is None else drafts[i : i + 1], r.qs)
                 new[i], a[i] = ni[0], ai[0]
         next_drafts, qs = (None, None)
@@ -433,7 +436,7 @@ class Engine:
         self._recent.append((time.perf_counter(), self.generated_tokens))
 
     def _commit(self, row: _Row, new: Sequence[int], n_new: int, drafts: list[int] | None) -> None:
-        """As _Decoder.commit and generate's host side, for one row: at most its budget, up to
+        """As Decoder.commit and generate's host side, for one row: at most its budget, up to
         and including end-of-text, then stop strings; emits the new text."""
         n_new = min(n_new, row.budget - len(row.tokens))
         toks = list(new[:n_new])
@@ -447,8 +450,8 @@ class Engine:
         if row.reason is None and len(row.tokens) >= row.budget:
             row.reason = "length" if row.budget == row.req.max_tokens else "context"
         stop = row.req.stop
-        if stop and toks and row.reason != "eot" and _hit_stop(row.tokens, self.tokenizer, stop):
-            row.tokens = _cut_at_stop(row.tokens, before, self.tokenizer, stop)
+        if stop and toks and row.reason != "eot" and hit_stop(row.tokens, self.tokenizer, stop):
+            row.tokens = cut_at_stop(row.tokens, before, self.tokenizer, stop)
             row.reason = "stop"
         self.generated_tokens += len(row.tokens) - before
         self._emit_text(row, len(row.tokens) - before)
@@ -456,7 +459,7 @@ class Engine:
     def _emit_text(self, row: _Row, n_tokens: int) -> None:
         text = self.tokenizer.decode(row.tokens)
         if row.reason is not None:
-            final = _strip_stop(text, row.req.stop)
+            final = strip_stop(text, row.req.stop)
             delta = final[len(row.sent):] if final.startswith(row.sent) else ""
             if delta or n_tokens:
                 _safe_emit(row.req, Event("delta", text=delta, n_tokens=n_tokens))

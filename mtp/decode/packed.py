@@ -13,15 +13,17 @@ Packing pays where decoding is bound by reading the weights; where they fit in t
 default (`worth_packing`) only models with at least 64 MiB of linear weights are packed.
 
 `packed_linears(model)` is a context in which the model's `nn.Linear` layers compute with packed
-copies of their weights. The copies are kept on the model between calls (one more copy of the
-linear weights in memory) and re-made when a weight changes (in-place updates bump its version);
-`release(model)` drops them. Results equal `F.linear`'s up to float rounding (another kernel).
+copies of their weights. The copies are kept for the model between calls (one more copy of the
+linear weights in memory; in a weak registry, not on the model, so they go when it goes) and
+re-made when a weight changes (in-place updates bump its version); `release(model)` drops them.
+Results equal `F.linear`'s up to float rounding (another kernel).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -29,7 +31,8 @@ import torch.nn as nn
 
 from mtp.errors import MTPError
 
-_ATTR = "_mtp_packed_linears"
+# module -> {name of a linear layer: (its weight's _key, the weight, the packed copy)}
+_packed_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -119,7 +122,7 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
     if not applies(model):
         yield 0
         return
-    cache: dict[str, tuple] = model.__dict__.setdefault(_ATTR, {})
+    cache: dict[str, tuple] = _packed_weights.setdefault(model, {})
     swapped = []
     try:
         with torch.no_grad():
@@ -139,5 +142,5 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
 
 
 def release(model: nn.Module) -> None:
-    """Drop the packed copies kept on the model."""
-    model.__dict__.pop(_ATTR, None)
+    """Drop the packed copies kept for the model."""
+    _packed_weights.pop(model, None)

@@ -8,29 +8,36 @@ products are batched over the heads (`torch.bmm` on weights stacked along a new 
 
 Each head computes exactly what its own block computes: the same normalisation, the same
 products row by row, the same attention over its own cache (tests/test_stacked.py compares them
-bit for bit on CPU). The price is one copy of the heads' weights per k, kept on the model
-(`stacked_heads`) and refreshed when the model's weights change (in-place updates bump a
-parameter's version).
+bit for bit on CPU). The price is one copy of the heads' weights per k, kept for the model
+(`stacked_heads`: in a weak registry, not on the model) and refreshed when the model's weights
+change (in-place updates bump a parameter's version).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtp.model import TRUNK, CacheStep, KVCache, TransformerBlock, apply_rope, cached_attention, weights_key
+from mtp.config import TRUNK
+from mtp.decode.cache import CacheStep, KVCache, cached_attention, weights_key
+from mtp.model import TransformerBlock, apply_rope
+
+# model -> {k: its StackedHeads}; a StackedHeads holds the model's head blocks, never the model
+_stacked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def stacked_heads(model: nn.Module, k: int) -> "StackedHeads | None":
     """Heads 0..k-1 of `model` as one StackedHeads, or None where they cannot be stacked (they do
-    not all read the trunk, or are not plain transformer blocks). One per k is kept on the model,
-    so decoders of every batch size and length share one copy of the weights (a decoder's
-    `reset` refreshes it)."""
+    not all read the trunk, or are not plain transformer blocks). One per k is kept for the model
+    (as long as the model lives), so decoders of every batch size and length share one copy of
+    the weights (a decoder's `reset` refreshes it)."""
     heads = [model.head_module(i) for i in range(k)]
     if not (all(model.graph.parents[i] == TRUNK for i in range(k)) and stackable(heads)):
         return None
-    kept = model.__dict__.setdefault("_mtp_stacked_heads", {})
+    kept = _stacked.setdefault(model, {})
     if k not in kept:
         kept[k] = StackedHeads(heads)
     return kept[k]

@@ -1,0 +1,107 @@
+"""Compiled decoding: how a Decoder's step functions are compiled on each device, and the
+compiled decoders kept per model so that later calls reuse their graphs.
+
+On a GPU the step functions become CUDA graphs (`mode="reduce-overhead"`), the weights graph
+inputs. On a CPU they are compiled with CPU_COMPILE, the weights frozen into the compiled code as
+constants. Either way one graph per (batch, k, length): attention always reads the whole cache.
+
+Compiled decoders are kept per model in a weak registry (`kept_decoders`), not on the model: a
+model's copies (`copy.deepcopy`, `state_dict`) carry none of them. A kept decoder is rebuilt
+when its model's weights change where they were compiled in (`weights_key`).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from mtp.decode.cache import weights_key
+from mtp.decode.decoder import Decoder
+
+if TYPE_CHECKING:
+    from mtp.generate import GenerationConfig
+    from mtp.model import MTPTransformer
+
+# Compiling for a CPU: inductor's C++ GEMM micro-kernels (picked per shape against MKL by timing
+# both: at the few rows of a decode step they are several times faster), the weights frozen into
+# the compiled code as constants (which those kernels need: they are packed once at compile time),
+# and a C++ wrapper calling the kernels instead of Python. Frozen weights do not follow the model:
+# a kept decoder is rebuilt when they change (weights_key).
+CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True,
+               # quiet: no tables of autotuning timings on stderr (mtp logs what it compiles, and for how long)
+               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+def compile_plan(device: torch.device) -> tuple[dict, Callable[[Callable], Callable], bool]:
+    """How a decoder's step functions are compiled on this device: torch.compile's keyword
+    arguments, a wrapper around each compiled function, and whether the weights are compiled in.
+    GPU: CUDA graphs, the weights graph inputs. CPU: CPU_COMPILE, the weights frozen in."""
+    if device.type == "cpu":
+        return dict(options=dict(CPU_COMPILE)), frozen, True
+    return dict(mode="reduce-overhead"), (lambda fn: fn), False
+
+
+def frozen(compiled: Callable) -> Callable:
+    """Calls compiled (which compiles at its first call) with freezing on, where torch.compile's
+    own options cannot reach: dynamo reads it while tracing, to keep parameters in the graph as
+    constants instead of inputs. Scoped to these calls: elsewhere (a compiled training step's
+    evaluation under no_grad) frozen weights would go stale."""
+    def call(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+    return call
+
+
+def compile_steps(dec: Decoder) -> Decoder:
+    """Compile dec's step functions (each compiles at its first call) by this device's plan."""
+    how, wrap, weights_in = compile_plan(dec.device)
+    dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
+    # weights compiled in as constants (CPU): decoder_for checks that they have not changed
+    dec.weights = weights_key(dec.model) if weights_in else None
+    # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
+    static = [*dec.cache.buffers(), *dec.state_buffers()]
+    for t in static + (list(dec.stacked.buffers()) if dec.stacked is not None else []):
+        torch._dynamo.mark_static_address(t)
+    dec.forward_fn = wrap(torch.compile(dec.forward, dynamic=False, **how))
+    dec.greedy_step_fn = wrap(torch.compile(dec.greedy_step, dynamic=False, **how))
+    dec.greedy_round_fn = wrap(torch.compile(dec.greedy_round, dynamic=False, **how))
+    dec.sequential_drafts_fn = wrap(torch.compile(dec.sequential_drafts, dynamic=False, **how))
+    return dec
+
+
+# model -> {(k, batch, max_len, dtype, device, stack_heads): its compiled Decoder}
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_decoders(model: MTPTransformer) -> dict[tuple, Decoder]:
+    """The compiled decoders kept for model, by shape (empty if none)."""
+    return _kept.get(model, {})
+
+
+def release(model: MTPTransformer) -> None:
+    """Forget the compiled decoders kept for model."""
+    _kept.pop(model, None)
+
+
+def decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: GenerationConfig) -> Decoder:
+    """A decoder for a generate() call, reset for it: a new eager one, or (cfg.compile) the
+    compiled one kept for this model and shape, compiled now if there is none."""
+    if not cfg.compile:
+        return Decoder(model, k, batch, max_len, cfg).reset(cfg)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
+    p = model.output.weight
+    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads)
+    # kept per model and shape, so that later calls reuse the compiled graphs (and on CUDA the
+    # captured graphs, which point at the decoder's own cache buffers)
+    per_model = _kept.setdefault(model, {})
+    kept = per_model.get(key)
+    if kept is not None and kept.weights is not None and kept.weights != weights_key(model):
+        del per_model[key]  # compiled with weights that have changed since: compile again
+    if key not in per_model:
+        per_model[key] = compile_steps(Decoder(model, k, batch, max_len, cfg))
+    return per_model[key].reset(cfg)
