@@ -53,10 +53,11 @@ class ChainSteps:
             draft = dec.sequential_drafts if first else dec.sequential_drafts_fn
             self.drafts, self.proposals = draft(dec.seq, self.last, window, dec.kv_len(longest))
         # verify: each row's last committed token and its k - 1 drafts, at its own positions
-        fed = dec.seq.gather(1, (dec.lengths - 1)[:, None])
+        root = (dec.lengths - 1)[:, None]  # (B, 1) each row's last committed position
+        fed = dec.seq.gather(1, root)
         if k > 1:
             fed = torch.cat([fed, self.drafts], 1)  # (B, k)
-        h, extra = dec.forward_fn(fed, (dec.lengths - 1)[:, None] + self.positions, kv_len)
+        h, extra = dec.forward_fn(fed, root + self.positions, kv_len)
         new, n_accepted = accept(dec, dec.model.logits(h), self.drafts, self.proposals)
         if k > 1 and not dec.sequential:  # the next drafts, from the position just accepted
             self.drafts, self.proposals = dec.parallel_drafts(extra, n_accepted)

@@ -42,12 +42,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepResult:
-    """What the host learns of a step, per row: how many tokens it committed, those tokens,
-    whether one of them is the end-of-text token, and whether the row stopped at this step.
+    """What the host learns of a step, per row: the tokens it committed, whether one of them is
+    the end-of-text token, and whether the row stopped at this step.
     A step returns it packed into one tensor on the device (`pack`); the host reads that once
     (`read`: one transfer per step)."""
 
-    counts: list[int]
     tokens: list[list[int]]
     hit_eot: list[bool]
     stopped: list[bool]
@@ -61,7 +60,7 @@ class StepResult:
     def read(cls, packed: torch.Tensor) -> "StepResult":
         k = packed.shape[1] - 3
         rows = packed.tolist()  # the step's one transfer to the host
-        return cls(counts=[r[0] for r in rows], tokens=[r[1 : 1 + k][: r[0]] for r in rows],
+        return cls(tokens=[r[1 : 1 + k][: r[0]] for r in rows],
                    hit_eot=[bool(r[k + 1]) for r in rows], stopped=[bool(r[k + 2]) for r in rows])
 
 
