@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+# one worker per core (tests run one torch thread each); MTP_TEST_WORKERS=0 runs them in this process
+python -m pytest -q -n "${MTP_TEST_WORKERS:-auto}" --dist worksteal "$@"
