@@ -9,7 +9,14 @@ views of the first n rows of every cache (no copy, no padding, and no work for i
 - a joining request is prefilled alone into row n (a one-row view), which gives its first token
   and its first drafts; from the next step on it decodes with the others;
 - a request that finishes, or whose client went away, leaves between two steps: the last row in
-  use moves into its row (one row's cache entries copied), so the rows in use stay 0..n-1.
+  use moves into its row (one row's cache entries and state copied), so the rows in use stay 0..n-1.
+
+Each row's decoding state (its tokens, length, budget, drafts) lives in the pool decoder's
+buffers, and a step runs on a decoder whose buffers are views of the first n rows: when every
+row decodes greedily the step is the decoder's fused `greedy_round` (verify, accept, draft,
+commit in one function, as `generate` runs it), else the same step in parts with each sampled
+row's acceptance and drafts from its own generator. The host reads each step once
+(`StepResult`) and applies stop strings and streams the text.
 
 The parallel heads' shared cache (`mtp.decode.stacked`: head h's rows at h * B .. h * B + B - 1) cannot
 be viewed as "the first n rows of every head" for every n at once, so it is kept laid out for the
@@ -24,8 +31,8 @@ equals `mtp generate --seed S` for that prompt, whatever else is running. Both h
 point: a row's products computed in a batch of n may round differently from the same row alone
 (tested equal on float32 CPU models; a near-tie of two logits could still break differently).
 
-Everything this module takes from the decoder's internals (`Decoder`, `ModelCache`'s fields,
-`StackedHeads.draft`) is used here and nowhere else in mtp.serve.
+Everything this module takes from the decoder's internals (`Decoder`'s buffers, `ModelCache`'s
+fields) is used here and nowhere else in mtp.serve.
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -47,7 +53,7 @@ import torch.nn as nn
 
 from mtp.errors import MTPError
 from mtp.decode.cache import KVCache, ModelCache
-from mtp.decode.decoder import Decoder
+from mtp.decode.decoder import Decoder, StepResult
 from mtp.decode.packed import packed_linears, will_pack
 from mtp.decode.sampling import accept, greedy_accept, process_logits, sample
 from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
@@ -88,14 +94,15 @@ class Event:
 
 
 class _Row:
-    """A request holding a row: its committed length, last token, drafts, generator."""
+    """A request holding a row, as the host sees it: its committed length, new tokens, the
+    proposal distributions of its drafts (sampling), its generator. The row's device state
+    (tokens, length, budget, drafts) lives in the pool decoder's buffers, at its row index."""
 
     def __init__(self, req: Request, budget: int, k: int, device):
         self.req, self.budget = req, budget
         self.L = len(req.prompt)  # committed tokens (prompt and new)
         self.tokens: list[int] = []  # new tokens
-        self.drafts: list[int] = []  # the next step's k - 1 drafts
-        self.qs: torch.Tensor | None = None  # their proposal distributions (sampling), (1, k - 1, V)
+        self.qs: torch.Tensor | None = None  # its drafts' proposal distributions (sampling), (1, k - 1, V)
         self.reason: str | None = None  # "eot", "stop", "length", "context"
         self.sent = ""  # text emitted so far
         self.cfg = GenerationConfig(max_new_tokens=max(budget, 1), temperature=req.temperature, top_k=req.top_k,
@@ -146,6 +153,11 @@ class _CacheView:
                 self.heads.append(c)
 
 
+# the pool decoder's per-row state (Decoder.state_buffers less the statistics): a view decoder
+# reads rows of them, and a row that moves takes its entries along
+_ROW_STATE = ("seq", "lengths", "generated", "budget", "active", "drafts")
+
+
 # ---- the engine -------------------------------------------------------------------------------
 class Engine:
     """Continuous batching over `max_batch` rows; `submit` from any thread, results via `emit`."""
@@ -194,7 +206,7 @@ class Engine:
         self.forward_passes = 0  # prefills and decode steps
         self.row_steps = 0  # rows in decode steps
         self.step_tokens = 0  # tokens committed by decode steps (tokens per forward: / row_steps)
-        self.accepted = [0] * max(self.k - 1, 0)  # drafts accepted by head 2..k, over row_steps
+        self.accepted = [0] * max(self.k - 1, 0)  # drafts committed from head 2..k, over row_steps
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, generated_tokens)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -301,12 +313,19 @@ class Engine:
         self.rows, self.layout = [], 0
 
     # -- rows joining and leaving -------------------------------------------------------------
+    def _decoder(self, start: int, count: int, stacked: KVCache | None) -> Decoder:
+        """A decoder over rows start..start+count-1 of the pool: views of its caches and of its
+        rows' state (so its steps update the pool in place)."""
+        vd = copy.copy(self.dec)
+        vd.cache = _CacheView(self.pool, start, count, stacked, self.n_stacked)
+        for name in _ROW_STATE:
+            setattr(vd, name, getattr(self.dec, name)[start : start + count])
+        return vd
+
     def _view(self, n: int) -> Decoder:
         """A decoder over rows 0..n-1 (the stacked cache laid out for n rows)."""
         if n not in self._views:
-            vd = copy.copy(self.dec)
-            vd.cache = _CacheView(self.pool, 0, n, self._stacked_rows(n), self.n_stacked)
-            self._views[n] = vd
+            self._views[n] = self._decoder(0, n, self._stacked_rows(n))
         return self._views[n]
 
     def _stacked_rows(self, n: int, row: int | None = None) -> KVCache | None:
@@ -338,28 +357,28 @@ class Engine:
             for c in self._row_caches:
                 c.k[dst, :, :used] = c.k[src, :, :used]
                 c.v[dst, :, :used] = c.v[src, :, :used]
+            for name in _ROW_STATE:
+                t = getattr(self.dec, name)
+                t[dst] = t[src]
         self.layout = n_new
 
     def _join(self, req: Request) -> None:
         """Prefill a request alone into row n; commit its first token; draft."""
-        n, model, dev = len(self.rows), self.model, self.device
+        n, model, dev, k = len(self.rows), self.model, self.device, self.k
         self._relayout(list(range(n)), n + 1)
-        vd = copy.copy(self.dec)
-        vd.cache = _CacheView(self.pool, n, 1, self._stacked_rows(n + 1, n), self.n_stacked)
-        row = _Row(req, min(req.max_tokens, self.context - len(req.prompt)), self.k, dev)
+        vd = self._decoder(n, 1, self._stacked_rows(n + 1, n))
+        row = _Row(req, min(req.max_tokens, self.context - len(req.prompt)), k, dev)
         self.rows.append(row)
         self.prompt_tokens += len(req.prompt)
+        vd.start([req.prompt], [row.budget])
         T0 = len(req.prompt)
-        tokens = torch.tensor([req.prompt], dtype=torch.long, device=dev)
-        h, extra = vd.forward(tokens, torch.arange(T0, device=dev)[None], self.dec.kv_len(T0 - 1))
+        h, extra = vd.forward(vd.seq[:, :T0], torch.arange(T0, device=dev)[None], self.dec.kv_len(T0 - 1))
         self.forward_passes += 1
-        last = torch.tensor([T0 - 1], device=dev)
         first, _ = _choose(row, model.logits(h[:, T0 - 1]))  # (1,)
-        drafts = None
-        if self.k > 1:
-            drafts, qs = self._drafts(vd, extra, last, [row])
-            drafts, row.qs = drafts[0], qs[0]
-        self._commit(row, [int(first)], 1, drafts)
+        if k > 1:
+            vd.drafts.copy_(self._drafts(vd, extra, torch.tensor([T0 - 1], device=dev), [row]))
+        result = vd.commit(first[:, None].expand(1, k), torch.ones(1, dtype=torch.long, device=dev), self.eot_id)
+        self._read(StepResult.read(result), [row], counted=False)
         if row.reason is not None:
             self._leave([n])
 
@@ -377,84 +396,69 @@ class Engine:
         self.rows = [self.rows[i] for i in order]
 
     # -- a decode step ------------------------------------------------------------------------
-    def _drafts(self, vd: Decoder, extra, idx: torch.Tensor, rows: list[_Row]):
-        """Heads 2..k's drafts at index idx (B,) of the last forward pass -> (tokens as lists,
-        the sampled rows' proposals (1, k - 1, V) as a list, None for greedy rows)."""
-        if vd.stacked is not None:
-            hidden = vd.stacked.draft(extra, idx, vd.cache.stacked)  # (k - 1, B, D)
-        else:
-            hidden = extra[:, torch.arange(idx.shape[0], device=idx.device), idx]
-        logits = self.model.logits(hidden)  # (k - 1, B, V)
+    def _drafts(self, vd: Decoder, extra, idx: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Heads 2..k's drafts (B, k - 1) at index idx (B,) of the last forward pass: argmax for
+        greedy rows; a sampled row draws from its own generator and keeps the proposals in qs."""
+        logits = self.model.logits(vd.draft_hidden(extra, idx))  # (k - 1, B, V)
         tokens = logits.argmax(-1).T  # (B, k - 1)
-        qs = [None] * len(rows)
-        if any(not r.cfg.greedy for r in rows):
-            tokens = tokens.clone()
-            for i, r in enumerate(rows):
-                if not r.cfg.greedy:
-                    tok, probs = _choose(r, logits[:, i : i + 1])  # (k - 1, 1), (k - 1, 1, V)
-                    tokens[i] = tok[:, 0]
-                    qs[i] = probs.transpose(0, 1)
-        return tokens.tolist(), qs
+        for i, r in enumerate(rows):
+            if not r.cfg.greedy:
+                tok, probs = _choose(r, logits[:, i : i + 1])  # (k - 1, 1), (k - 1, 1, V)
+                tokens[i] = tok[:, 0]
+                r.qs = probs.transpose(0, 1)
+        return tokens
 
     def _step(self) -> None:
-        rows, k, dev, model = self.rows, self.k, self.device, self.model
-        n = len(rows)
-        vd = self._view(n)
-        fed = torch.tensor([[r.tokens[-1], *r.drafts] for r in rows], dtype=torch.long, device=dev)  # (n, k)
-        L = torch.tensor([r.L for r in rows], device=dev)
-        positions = (L - 1)[:, None] + torch.arange(k, device=dev)
-        h, extra = vd.forward(fed, positions, self.dec.kv_len(max(r.L for r in rows) + k - 2))
-        self.forward_passes += 1
-        logits = model.logits(h)  # (n, k, V)
-        drafts = fed[:, 1:] if k > 1 else None
-        new, a = greedy_accept(logits.argmax(-1), drafts)
-        sampled = [i for i, r in enumerate(rows) if not r.cfg.greedy]
-        if sampled:
-            new, a = new.clone(), a.clone()
-            for i in sampled:  # speculative sampling, as generate's, with the row's own generator
-                r = rows[i]
-                ni, ai = accept(SimpleNamespace(cfg=r.cfg, generator=r.generator), logits[i : i + 1],
-                                 None if drafts is None else drafts[i : i + 1], r.qs)
-                new[i], a[i] = ni[0], ai[0]
-        next_drafts, qs = (None, None)
-        if k > 1:
-            next_drafts, qs = self._drafts(vd, extra, a, rows)
-        new_l, a_l = new.tolist(), a.tolist()
-        self.row_steps += n
-        for j in range(k - 1):
-            self.accepted[j] += sum(1 for x in a_l if x > j)
-        done = []
-        for i, r in enumerate(rows):
+        """One decode step of every row: the decoder's fused greedy round when all rows decode
+        greedily (one function, as generate's), else the step in parts with each sampled row's
+        acceptance and drafts drawn from its own generator."""
+        rows, k = self.rows, self.k
+        vd = self._view(len(rows))
+        kv_len = self.dec.kv_len(max(r.L for r in rows) + k - 2)
+        if all(r.cfg.greedy for r in rows):
+            result = vd.greedy_round(kv_len, self.eot_id)  # (the *_fn fields are the pool decoder's)
+        else:
+            root = (vd.lengths - 1)[:, None]
+            fed = vd.seq.gather(1, root)
+            drafts = vd.drafts if k > 1 else None
             if k > 1:
-                r.qs = qs[i]
-            before = len(r.tokens)
-            self._commit(r, new_l[i], a_l[i] + 1, None if next_drafts is None else next_drafts[i])
-            self.step_tokens += len(r.tokens) - before
-            if r.reason is not None:
-                done.append(i)
-        self._leave(done)
+                fed = torch.cat([fed, drafts], 1)  # (n, k)
+            h, extra = vd.forward(fed, root + torch.arange(k, device=self.device), kv_len)
+            logits = self.model.logits(h)  # (n, k, V)
+            new, a = greedy_accept(logits.argmax(-1), drafts)
+            for i, r in enumerate(rows):
+                if not r.cfg.greedy:  # speculative sampling, as generate's, with the row's own generator
+                    ni, ai = accept(r, logits[i : i + 1], None if drafts is None else drafts[i : i + 1], r.qs)
+                    new[i], a[i] = ni[0], ai[0]
+            if k > 1:
+                next_drafts = self._drafts(vd, extra, a, rows)
+                vd.drafts.copy_(next_drafts)
+            result = vd.commit(new, a + 1, self.eot_id)
+        self._read(StepResult.read(result), rows, counted=True)
+        self._leave([i for i, r in enumerate(rows) if r.reason is not None])
         self._recent.append((time.perf_counter(), self.generated_tokens))
 
-    def _commit(self, row: _Row, new: Sequence[int], n_new: int, drafts: list[int] | None) -> None:
-        """As Decoder.commit and generate's host side, for one row: at most its budget, up to
-        and including end-of-text, then stop strings; emits the new text."""
-        n_new = min(n_new, row.budget - len(row.tokens))
-        toks = list(new[:n_new])
-        if self.eot_id is not None and self.eot_id in toks:
-            toks = toks[: toks.index(self.eot_id) + 1]
-            row.reason = "eot"
-        before = len(row.tokens)
-        row.tokens.extend(toks)
-        row.L += len(toks)
-        row.drafts = list(drafts or [])
-        if row.reason is None and len(row.tokens) >= row.budget:
-            row.reason = "length" if row.budget == row.req.max_tokens else "context"
-        stop = row.req.stop
-        if stop and toks and row.reason != "eot" and hit_stop(row.tokens, self.tokenizer, stop):
-            row.tokens = cut_at_stop(row.tokens, before, self.tokenizer, stop)
-            row.reason = "stop"
-        self.generated_tokens += len(row.tokens) - before
-        self._emit_text(row, len(row.tokens) - before)
+    def _read(self, step: StepResult, rows: list[_Row], counted: bool) -> None:
+        """The host's side of a step (as generate's): each row's committed tokens (its budget and
+        end of text applied on the device), then stop strings; emits the new text. counted: a
+        decode step (its tokens and committed drafts go into the statistics)."""
+        for r, toks, eot, stopped in zip(rows, step.tokens, step.hit_eot, step.stopped):
+            before = len(r.tokens)
+            r.tokens.extend(toks)
+            r.L += len(toks)
+            if stopped:
+                r.reason = "eot" if eot else ("length" if r.budget == r.req.max_tokens else "context")
+            stop = r.req.stop
+            if stop and toks and r.reason != "eot" and hit_stop(r.tokens, self.tokenizer, stop):
+                r.tokens = cut_at_stop(r.tokens, before, self.tokenizer, stop)
+                r.reason = "stop"  # the row leaves after this step
+            if counted:
+                self.row_steps += 1
+                self.step_tokens += len(toks)
+                for j in range(len(toks) - 1):
+                    self.accepted[j] += 1
+            self.generated_tokens += len(r.tokens) - before
+            self._emit_text(r, len(r.tokens) - before)
 
     def _emit_text(self, row: _Row, n_tokens: int) -> None:
         text = self.tokenizer.decode(row.tokens)

@@ -1,0 +1,140 @@
+"""The serving engine's decode loop against `generate`, in one process, without HTTP.
+
+`mtp serve`'s speed at one client is the engine's step plus the HTTP path. This script isolates
+the first: for each k it decodes the same prompts one at a time with `generate` (batch 1) and
+with an `Engine` fed one request at a time (the request's events collected in-process), with the
+same number of new tokens, the two taking turns, best of `--repeats`; it checks that both give the
+same tokens and prints tokens per second of each and their ratio.
+
+    python benchmarks/engine.py CKPT --k 1,4 [--max-tokens 64] [--prompts 3] [--max-context 512]
+    python benchmarks/engine.py CKPT --add-heads 4 --k 1,4    # a one-head model (e.g. SmolLM2
+        imported with `mtp convert hf`) with 3 heads added as `mtp finetune` initialises them:
+        a step's cost is what is measured, whatever the heads accept
+
+--profile: where the engine's time goes for one request at the largest k (torch.profiler, by
+operator, top 15 by self CPU time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from mtp.checkpoint import load_checkpoint
+from mtp.finetune import add_heads
+from mtp.generate import GenerationConfig, generate
+from mtp.serve.engine import Engine, Request
+
+
+def stdlib_prompts(tokenizer, n: int, chars: int, seed: int = 0) -> list[list[int]]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        text = rng.choice(files).read_text(encoding="utf-8", errors="replace")
+        if len(text) > chars + 1:
+            i = rng.randrange(len(text) - chars)
+            out.append(tokenizer.encode(text[i : i + chars]))
+    return out
+
+
+def engine_run(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[int, float]:
+    """One request through the engine, alone: (completion tokens, seconds)."""
+    done = threading.Event()
+    result = {}
+
+    def emit(ev):
+        if ev.kind == "done":
+            result["n"] = ev.completion_tokens
+            done.set()
+        elif ev.kind == "error":
+            result["error"] = ev.message
+            done.set()
+
+    t0 = time.perf_counter()
+    engine.submit(Request(prompt=list(prompt), max_tokens=max_tokens, emit=emit))
+    done.wait()
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["n"], time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--k", default="1,4")
+    ap.add_argument("--add-heads", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--chars", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-context", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint)
+    if args.add_heads:
+        torch.manual_seed(0)
+        model = add_heads(model, args.add_heads)
+    model.eval()
+    prompts = stdlib_prompts(tokenizer, args.prompts, args.chars)
+    ks = [int(x) for x in args.k.split(",")]
+    print(f"{args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.config.n_future} heads, {args.prompts} prompts of {args.chars} characters, "
+          f"{args.max_tokens} new tokens, {torch.get_num_threads()} threads")
+    print("| k | generate tok/s | engine tok/s | engine / generate | same tokens |")
+    print("|---|---:|---:|---:|---|")
+    for k in ks:
+        engine = Engine(model, tokenizer, speculative=k, max_batch=16, max_context=args.max_context).start()
+        # the engine stops a request at end of text: so does generate, given the same token
+        cfg = GenerationConfig(max_new_tokens=args.max_tokens, speculative=k,
+                               eot_id=getattr(tokenizer, "eot_id", None))
+        best = {"generate": 0.0, "engine": 0.0}
+        same = True
+        for _ in range(args.repeats):
+            n_g = n_e = 0
+            t_g = t_e = 0.0
+            for p in prompts:
+                t0 = time.perf_counter()
+                out = generate(model, [p], cfg, tokenizer=tokenizer)
+                t_g += time.perf_counter() - t0
+                n_g += len(out.tokens[0])
+                n, t = engine_run(engine, p, args.max_tokens)
+                n_e, t_e = n_e + n, t_e + t
+            same &= n_g == n_e
+            best["generate"] = max(best["generate"], n_g / t_g)
+            best["engine"] = max(best["engine"], n_e / t_e)
+        # token for token: the engine's text against generate's, for the first prompt
+        print(f"| {k} | {best['generate']:.1f} | {best['engine']:.1f} | {best['engine'] / best['generate']:.2f}x "
+              f"| {'yes' if same and check_same(engine, model, tokenizer, prompts[0], cfg) else 'NO'} |")
+        if args.profile and k == ks[-1]:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                engine_run(engine, prompts[0], args.max_tokens)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        engine.close()
+
+
+def check_same(engine: Engine, model, tokenizer, prompt, cfg) -> bool:
+    """The engine's completion text equals generate's for the prompt."""
+    parts, done = [], threading.Event()
+
+    def emit(ev):
+        if ev.kind == "delta":
+            parts.append(ev.text)
+        elif ev.kind in ("done", "error"):
+            done.set()
+
+    engine.submit(Request(prompt=list(prompt), max_tokens=cfg.max_new_tokens, emit=emit))
+    done.wait()
+    return "".join(parts) == tokenizer.decode(generate(model, [prompt], cfg, tokenizer=tokenizer).tokens[0])
+
+
+if __name__ == "__main__":
+    main()
