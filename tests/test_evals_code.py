@@ -181,7 +181,10 @@ def test_every_reference_solution_and_gold_program_passes_in_the_sandbox():
     pieces = [split_program(p["program_for"], r["canonical_solution"]) for p, r in zip(humaneval.problems_for(raw), raw)]
     pieces += [split_program(p["program_for"], d["code"]) for p, d in zip(mbpp.problems_for(docs), docs)]
     assert len(pieces) == 664 and all(t is not None for _, t in pieces)
-    results = run_many([p for p, _ in pieces], timeout=10, workers=2, tests=[t for _, t in pieces])
+    # The wall clock is generous: MBPP/123's gold program (amicable numbers below 9999) takes 6.8 s
+    # alone on a 2-core Xeon and passed 10 s while another test shared the cores. This test is
+    # about what the sandbox lets through, not how fast a machine is.
+    results = run_many([p for p, _ in pieces], timeout=60, workers=2, tests=[t for _, t in pieces])
     bad = [(i, r.status, r.detail) for i, r in enumerate(results) if not r.passed]
     assert bad == [], bad[:10]
     assert {r.isolation for r in results} == {best_isolation()}
