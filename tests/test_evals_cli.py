@@ -140,6 +140,31 @@ def test_sweep_end_to_end_and_resume(capsys, corpus, tmp_path):
     assert code == 0, err
     assert ckpt_file.stat().st_mtime_ns == before
     assert json.loads(out2)["runs"][1]["metrics"] == res["runs"][1]["metrics"]
+    # the sweep's small files alone (as kept in git, say) count as done: no checkpoint is needed
+    import shutil
+    for run in ("n1_s0", "n2_s0", "n2_nth_s0"):
+        shutil.rmtree(out_dir / run / "checkpoint")
+    code, out3, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert not (out_dir / "n2_s0" / "checkpoint").exists()
+    res3 = json.loads(out3)
+    assert [r["metrics"] for r in res3["runs"]] == [r["metrics"] for r in res["runs"]]
+    assert [r["decode"] for r in res3["runs"]] == [r["decode"] for r in res["runs"]]
+    # more steps asked: the recorded row no longer counts, and a run stopped part way resumes
+    # from its checkpoint (the steps already logged are not trained again)
+    def resumable(steps):
+        return ["sweep", "--task", "loss", "--corpus", corpus, "--out", tmp_path / "sweep8", "--variants", "n=2",
+                "--steps", str(steps), "--seq-len", "32", "--batch-size", "2", "--dim", "32", "--n-layers", "3",
+                "--n-heads", "2", "--eval-every", "3", "--save-every", "3", "--log-every", "1", "--limit", "4",
+                "--no-progress", "--json"]
+    assert run_cli(capsys, *resumable(3))[0] == 0
+    argv8 = resumable(8)
+    code, out4, err = run_cli(capsys, *argv8)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (tmp_path / "sweep8" / "n2_s0" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 8 and steps[0] == 1
+    assert json.loads((tmp_path / "sweep8" / "n2_s0" / "train_seconds.json").read_text())["resumed_from"] == 3
 
 
 def test_sweep_bad_input(capsys, tmp_path):

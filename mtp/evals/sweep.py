@@ -9,7 +9,11 @@ Layout of the sweep directory:
   results.json, report.md, head_losses.png, metrics.png, tokens_per_forward.png (+ by_<x>.png)
 
 Nothing is lost on a crash: a run whose checkpoint reached the asked-for number of steps is not
-trained again, and an evaluation already written is not run again (pass overwrite to redo all).
+trained again, a run stopped part way resumes from its last checkpoint, and an evaluation already
+written is not run again (pass overwrite to redo all). Each finished run also writes
+`<variant>_s<seed>/run.summary.json` (its row of results.json): with it and `metrics.jsonl` a run
+counts as done even without its checkpoint, so a sweep's small files can be kept (in git, say)
+and the sweep resumed on another machine without the checkpoints.
 
 Variants are written `n=4`, `n=4;loss=nth`, `n=4;offsets=1,2,4,8`, `n=4;head=causal`: the number
 of heads, the loss weights (`mtp train --loss-weights`), the offsets the heads predict, and the
@@ -107,12 +111,35 @@ def _task_corpus(task: str, data_dir: Path, n_train: int | None, seed: int, prog
     return [str(data_dir / "train.jsonl")]
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's checkpoint (None: there is none)."""
     try:
         meta = json.loads((run_dir / "checkpoint" / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return int(meta.get("step", -1)) >= steps
+        return None
+    return int(meta.get("step", -1))
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    step = _checkpoint_step(run_dir)
+    return step is not None and step >= steps
+
+
+SUMMARY = "run.summary.json"
+
+
+def _recorded(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> dict | None:
+    """A finished run's row of results.json, written when it was evaluated, if it was trained
+    with this model config and this many steps (and its metrics.jsonl is there for the plots)."""
+    try:
+        row = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if (row.get("model") != mcfg.to_dict() or row.get("steps") != tcfg.steps
+            or not (run_dir / "metrics.jsonl").exists()):
+        return None
+    row["run_dir"] = str(run_dir)  # where the sweep is now
+    return row
 
 
 def _decode_stats(model, tokenizer, corpus: list[str], val_fraction: float, n: int, seed: int) -> dict:
@@ -197,13 +224,25 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
                                log_grad_cosine=v.n_future > 1, **train_args)
             if progress:
                 print(f"[sweep] {idx}/{total}: {v.label}, seed {seed} -> {run_dir}", file=sys.stderr)
+            if not overwrite and (row := _recorded(run_dir, mcfg, tcfg)) is not None:
+                runs.append(row)
+                continue
             t0 = time.perf_counter()
             if overwrite or not _finished(run_dir, tcfg.steps):
-                for stale in ("eval.json", "decode.json", "train_seconds.json"):  # from an older model
+                for stale in ("eval.json", "decode.json", "train_seconds.json", SUMMARY):  # from an older model
                     (run_dir / stale).unlink(missing_ok=True)
-                train(tcfg, mcfg, overwrite=True, progress=progress)
+                step = None if overwrite else _checkpoint_step(run_dir)
+                resumed = step is not None and 0 < step < tcfg.steps
+                try:
+                    train(tcfg, None if resumed else mcfg, resume=resumed, overwrite=not resumed, progress=progress)
+                except MTPError:
+                    if not resumed:
+                        raise
+                    resumed = False  # a checkpoint of another config: train this run afresh
+                    train(tcfg, mcfg, overwrite=True, progress=progress)
                 train_seconds = time.perf_counter() - t0
-                (run_dir / "train_seconds.json").write_text(json.dumps({"seconds": train_seconds}) + "\n")
+                (run_dir / "train_seconds.json").write_text(
+                    json.dumps({"seconds": train_seconds, "resumed_from": step if resumed else None}) + "\n")
             else:
                 try:
                     train_seconds = json.loads((run_dir / "train_seconds.json").read_text())["seconds"]
@@ -235,6 +274,8 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
                 "decode": decode, "grad_cosine": _grad_cosine(logged),
                 "train_seconds": train_seconds,
             })
+            (run_dir / SUMMARY).write_text(json.dumps(runs[-1] | {"model": mcfg.to_dict(), "steps": tcfg.steps},
+                                                      indent=2) + "\n")
     summary = {"task": task, "corpus": corpus, "model": base.to_dict(), "train": train_args,
                "seeds": list(seeds), "variants": [dataclasses.asdict(v) | {"name": v.name} for v in variants],
                "runs": runs}
