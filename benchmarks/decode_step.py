@@ -1,6 +1,8 @@
 """What one decode step costs: a plain greedy step against a speculative step with k heads, with
 the heads run as one batched block (`stack_heads`, the default) or each as its own block, and
-with the linear layers' weights as they are or prepacked for the CPU (`pack_weights`, mtp.decode.packed).
+with the linear layers' weights as they are, prepacked for the CPU (`pack_weights` on,
+mtp.decode.packed) or packed from the rows where the packed product was measured faster on this
+machine (`pack_weights` auto on a big model: "measured").
 
 A speculative step pays off only when it yields more tokens than it costs greedy steps, so the
 `x greedy` column is the tokens per forward a model's heads must reach for a speedup at that k.
@@ -27,7 +29,7 @@ import torch
 
 from mtp.checkpoint import load_checkpoint
 from mtp.decode.decoder import Decoder
-from mtp.decode.packed import applies, packed_linears
+from mtp.decode.packed import applies, measured_rows, packed_linears
 from mtp.generate import GenerationConfig, usable_heads
 
 
@@ -41,12 +43,15 @@ def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True):
 
 
 def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int = 100, rounds: int = 7,
-               packed: bool = False) -> dict:
-    """{(k, stacked): seconds per step}; k = 1 is the plain greedy step."""
+               weights: str = "as stored") -> dict:
+    """{(k, stacked): seconds per step}; k = 1 is the plain greedy step. weights: as stored,
+    packed or measured."""
     settings = [(1, True)] + [(k, s) for k in ks for s in (True, False)]
     runs = {(k, stacked): step_inputs(model, k, batch, position, stacked) for k, stacked in settings}
     best = {}
-    with torch.no_grad(), (packed_linears(model) if packed else contextlib.nullcontext()):
+    packing = (contextlib.nullcontext() if weights == "as stored"
+               else packed_linears(model, measured=weights == "measured"))
+    with torch.no_grad(), packing:
         for _ in range(rounds):
             for key, (dec, fed, positions, kv_len) in runs.items():
                 for _ in range(2):
@@ -118,17 +123,21 @@ def main() -> None:
     ks = [int(k) for k in args.k.split(",")] if args.k else list(range(2, usable_heads(model) + 1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
           f"position {args.position}; x greedy: over the greedy step with the same weights")
-    print("| batch | weights | k | heads | ms per step | x greedy |")
-    print("|---|---|---|---|---|---|")
+    modes = ("as stored", "packed", "measured") if applies(model) else ("as stored",)
     for b in [int(x) for x in args.batch_sizes.split(",")]:
-        for packed in (False, True) if applies(model) else (False,):
-            costs = step_costs(model, b, ks, args.position, args.steps, args.rounds, packed)
-            greedy, weights = costs[(1, True)], "packed" if packed else "as stored"
-            print(f"| {b} | {weights} | 1 | - | {greedy * 1e3:.3f} | 1.00 |")
-            for (k, stacked), sec in costs.items():
-                if k > 1:
-                    print(f"| {b} | {weights} | {k} | {'stacked' if stacked else 'own blocks'} | {sec * 1e3:.3f} "
-                          f"| {sec / greedy:.2f} |", flush=True)
+        costs = {w: step_costs(model, b, ks, args.position, args.steps, args.rounds, w) for w in modes}
+        best = min(c[(1, True)] for c in costs.values())
+        if b == int(args.batch_sizes.split(",")[0]):
+            if "measured" in modes:
+                print(f"measured: products compute packed from {measured_rows(model):g} rows on")
+            print("| batch | weights | k | heads | ms per step | x greedy | x best greedy |")
+            print("|---|---|---|---|---|---|---|")
+        for weights, c in costs.items():
+            greedy = c[(1, True)]
+            for (k, stacked), sec in c.items():
+                heads = "-" if k == 1 else "stacked" if stacked else "own blocks"
+                print(f"| {b} | {weights} | {k} | {heads} | {sec * 1e3:.3f} | {sec / greedy:.2f} | {sec / best:.2f} |",
+                      flush=True)
         if args.profile:
             profile_steps(model, b, ks, args.position, min(args.steps, 30))
 

@@ -52,7 +52,8 @@ class GenerationConfig:
     kv_bucket: int = 128  # attention reads the cache up to a multiple of this (static shapes)
     stack_heads: bool = True  # parallel heads run as one batched block (a copy of their weights)
     # CPU, eager: linear layers compute with prepacked oneDNN weights (mtp.decode.packed); None: when the
-    # model is big enough for it to pay (mtp.decode.packed.worth_packing)
+    # model is big enough for it to pay (mtp.decode.packed.worth_packing), and then each shape of
+    # weight from the rows where the packed product was measured faster on this machine
     pack_weights: bool | None = None
     # a token tree verified per step instead of a chain (mtp.decode.tree.Tree or its spec, e.g.
     # "0;1;0,0"); None: the chain of `speculative` heads
@@ -168,7 +169,7 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     was_training = model.training
     model.eval()
     pack = will_pack(model, cfg.pack_weights, cfg.compile)
-    packing = packed_linears(model) if pack else contextlib.nullcontext()
+    packing = packed_linears(model, measured=cfg.pack_weights is None) if pack else contextlib.nullcontext()
     try:
         with packing:
             return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree)

@@ -66,3 +66,27 @@ def test_gpu_script_dry_run(tmp_path):
         assert hf[0]["first_losses"][0] == pytest.approx(mine[("tiny", 1)]["first_losses"][0], rel=1e-3)
     assert [c["target"] for c in tp["checks"]][0] == "MFU n=1 >= 0.50"
     assert "| impl | layout | n |" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_decode_step_table_runs_every_weight_setting(tmp_path):
+    """benchmarks/decode_step.py on a tiny checkpoint: a row per weight setting (as stored, packed,
+    measured) and k, each with its cost over the greedy step."""
+    import torch
+
+    from mtp.checkpoint import save_checkpoint
+    from mtp.config import ModelConfig
+    from mtp.decode.packed import applies
+    from mtp.model import MTPTransformer
+    from mtp.tokenizers import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=3, n_heads=2, max_seq_len=64,
+                                       multiple_of=16, n_future=2))
+    save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    proc = subprocess.run([sys.executable, str(BENCH / "decode_step.py"), str(tmp_path / "ckpt"), "--position", "8",
+                           "--steps", "2", "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    modes = ["as stored", "packed", "measured"] if applies(model) else ["as stored"]
+    assert [r[1].strip() for r in rows] == [m for m in modes for _ in range(3)]  # greedy, k=2 twice
+    assert all(float(r[4]) > 0 for r in rows)

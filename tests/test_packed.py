@@ -140,3 +140,57 @@ def test_the_probe_asks_onednn(monkeypatch):
         assert calls == [torch.bfloat16]
     finally:
         packed.dtype_supported.cache_clear()
+
+
+@torch.no_grad()
+def test_measured_packing_takes_the_measured_threshold(monkeypatch):
+    """measured: a product with fewer rows than the model's measured threshold runs F.linear,
+    one with as many or more the packed kernel; the results agree either way."""
+    model = model_for()
+    calls = []
+    real = packed.packed_matmul
+    monkeypatch.setattr(packed, "packed_matmul", lambda x, p, b: calls.append(x.shape) or real(x, p, b))
+    monkeypatch.setattr(packed, "_min_rows", {})
+    assert packed.measured_rows(model) is None
+    with packed.packed_linears(model, measured=True):
+        found = packed.measured_rows(model)
+    assert found == float("inf") or found in packed.ROWS
+    assert calls  # the measurement ran packed passes
+    packed._min_rows[packed._model_key(model)] = 4.0  # as if measured: 4 rows
+    x3, x4 = torch.randint(0, 24, (1, 1)), torch.randint(0, 24, (2, 2))  # the 3 heads' logits: 3 rows
+    ref3, ref4 = model(x3, return_all_heads=True), model(x4, return_all_heads=True)
+    with packed.packed_linears(model, measured=True):
+        calls.clear()
+        got3 = model(x3, return_all_heads=True)
+        assert calls == []  # at most 3 rows < 4: F.linear everywhere
+        got4 = model(x4, return_all_heads=True)
+        assert len(calls) == sum(type(m) is nn.Linear for m in model.modules())  # >= 4 rows: packed
+    assert torch.equal(got3, ref3)  # the very kernel of the plain model
+    torch.testing.assert_close(got4, ref4, rtol=1e-5, atol=1e-5)
+    with packed.packed_linears(model):  # not measured: packed at every row count
+        calls.clear()
+        model(x3, return_all_heads=True)
+        assert len(calls) > 0
+
+
+def test_the_threshold_is_where_packing_wins_from_on():
+    assert packed.threshold({1: True, 2: True, 4: True}) == 1.0
+    assert packed.threshold({1: False, 2: True, 4: True, 8: True}) == 2.0
+    assert packed.threshold({1: True, 2: False, 4: True, 8: True}) == 4.0  # a win below a loss does not count
+    assert packed.threshold({1: False, 2: False, 4: False}) == float("inf")
+
+
+def test_measurement_picks_the_faster_setting(monkeypatch):
+    """_measure times whole passes in both settings and keeps the faster from each row count."""
+    model = model_for()
+    policy = [1.0]
+    # a clock under which packed passes (policy 1) are slower below 4 tokens
+    monkeypatch.setattr(packed, "_time", lambda fn: (2.0 if rows[0] < 4 else 1.0) if policy[0] == 1.0 else 1.5)
+    rows = [0]
+    real_zeros = torch.zeros
+
+    def zeros(shape, **kw):
+        rows[0] = shape[1]
+        return real_zeros(shape, **kw)
+    monkeypatch.setattr(packed.torch, "zeros", zeros)
+    assert packed._measure(model, policy) == 4.0

@@ -12,6 +12,13 @@ Packing pays where decoding is bound by reading the weights; where they fit in t
 (the quickstart's 2.8M-parameter model), oneDNN's higher cost per call makes it slower. So by
 default (`worth_packing`) only models with at least 64 MiB of linear weights are packed.
 
+Which kernel wins also depends on the CPU and the number of rows: on an AMD EPYC (AVX2) packed
+products made a 1-token step 1.8x faster, on an Intel Xeon with AVX-512 `F.linear`'s 1-row path
+was faster and packing won from 2-4 rows. So by default (`packed_linears(model, measured=True)`)
+a model's products compute packed from the number of rows from which packing made its forward
+pass faster on this machine (timed once per process: `_measure`), and fewer rows take
+`F.linear`. `--pack-weights on` packs every product.
+
 `packed_linears(model)` is a context in which the model's `nn.Linear` layers compute with packed
 copies of their weights. The copies are kept for the model between calls (one more copy of the
 linear weights in memory; in a weak registry, not on the model, so they go when it goes) and
@@ -23,11 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import time
 import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mtp.errors import MTPError
 
@@ -109,21 +119,79 @@ def _key(w: torch.Tensor):
     return w.data_ptr(), w._version, w.dtype, tuple(w.shape)
 
 
-def _forward(packed: torch.Tensor, bias: torch.Tensor | None):
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, policy: list):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if x.numel() < policy[0] * x.shape[-1]:  # fewer rows than the packed product pays for
+            return F.linear(x, weight, bias)
+        return packed_matmul(x, packed, bias)
     return forward
 
 
+ROWS = (1, 2, 4, 8, 16)
+# (the model's linear shapes, dtype, threads) -> the rows from which its packed products are faster
+_min_rows: dict[tuple, float] = {}
+
+
+def _model_key(model: nn.Module) -> tuple:
+    shapes = tuple(sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is nn.Linear}))
+    return shapes, next(model.parameters()).dtype, torch.get_num_threads()
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def threshold(wins: dict[int, bool]) -> float:
+    """The fewest rows from which the packed product won at every larger count measured (inf: none)."""
+    for rows in sorted(wins):
+        if all(won for r, won in wins.items() if r >= rows):
+            return float(rows)
+    return math.inf
+
+
+def _measure(model: nn.Module, policy: list, rounds: int = 2) -> float:
+    """Time the model's forward pass on 1, 2, 4, 8 and 16 tokens with every product packed and
+    with none (interleaved, the best of `rounds` each): whole passes, so that the weights are read
+    from memory as decoding reads them (a product timed alone finds them in cache)."""
+    device = next(model.parameters()).device
+    wins = {}
+    for rows in ROWS:
+        tokens = torch.zeros((1, rows), dtype=torch.long, device=device)
+        best = {1.0: math.inf, math.inf: math.inf}  # packed from 1 row / never
+        for r in range(rounds + 1):  # round 0 warms up
+            for mode in best:
+                policy[0] = mode
+                t = _time(lambda: model(tokens))
+                if r:
+                    best[mode] = min(best[mode], t)
+        wins[rows] = best[1.0] < best[math.inf]
+    return threshold(wins)
+
+
+def measured_rows(model: nn.Module) -> float | None:
+    """The rows from which this model's products compute packed here (None: not measured yet)."""
+    return _min_rows.get(_model_key(model))
+
+
 @contextlib.contextmanager
-def packed_linears(model: nn.Module) -> Iterator[int]:
-    """Within the block, every nn.Linear of `model` computes with a packed copy of its weight.
-    Yields how many layers were packed (0 where packing does not apply)."""
+def packed_linears(model: nn.Module, measured: bool = False) -> Iterator[int]:
+    """Within the block, every nn.Linear of `model` computes with a packed copy of its weight:
+    at every row count, or (measured) from the row count from which the packed products made the
+    model's forward pass faster on this machine (measured once per process for a model's shapes,
+    dtype and threads: some 1-2 s for SmolLM2-135M). Yields how many layers were packed (0 where
+    packing does not apply)."""
     if not applies(model):
         yield 0
         return
     cache: dict[str, tuple] = _packed_weights.setdefault(model, {})
     swapped = []
+    policy = [1.0]  # read by every swapped layer at each call
     try:
         with torch.no_grad():
             for name, mod in model.named_modules():
@@ -133,8 +201,14 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
                 if name not in cache or cache[name][0] != key or cache[name][1] is not mod.weight:
                     cache[name] = (key, mod.weight, torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), None))
                 bias = None if mod.bias is None else mod.bias.detach()
-                mod.forward = _forward(cache[name][2], bias)  # an instance attribute shadows the method
+                # an instance attribute shadows the method
+                mod.forward = _forward(mod.weight.detach(), cache[name][2], bias, policy)
                 swapped.append(mod)
+            if measured and swapped:
+                key = _model_key(model)
+                if key not in _min_rows:
+                    _min_rows[key] = _measure(model, policy)
+                policy[0] = _min_rows[key]
         yield len(swapped)
     finally:
         for mod in swapped:

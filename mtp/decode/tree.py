@@ -383,7 +383,8 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
 
     was_training = model.training
     model.eval()
-    packing = packed_linears(model) if will_pack(model, pack_weights, False) else contextlib.nullcontext()
+    packing = (packed_linears(model, measured=pack_weights is None) if will_pack(model, pack_weights, False)
+               else contextlib.nullcontext())
     try:
         with packing:
             runs = {T: prepared(T)[1] for T in range(1, max_tokens + 1)}

@@ -191,6 +191,7 @@ class Engine:
                               if i >= self.n_stacked and isinstance(self.pool.heads[i], KVCache))]
         self.device = self.dec.device
         self.pack = will_pack(model, pack_weights, False)
+        self.pack_measured = pack_weights is None  # auto: packed from the rows where it pays here
         self._views: dict[int, Decoder] = {}
         self.layout = 0  # the stacked cache is laid out for this many rows
         self.rows: list[_Row] = []
@@ -275,7 +276,7 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
-        packing = packed_linears(self.model) if self.pack else contextlib.nullcontext()
+        packing = packed_linears(self.model, measured=self.pack_measured) if self.pack else contextlib.nullcontext()
         with torch.no_grad(), packing:
             self.ready.set()
             while True:
