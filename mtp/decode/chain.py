@@ -27,7 +27,6 @@ class ChainSteps:
         self.dec, self.k = dec, dec.k
         self.fused = dec.cfg.greedy and not dec.sequential  # one function per step
         self.prompt_window = prompt_window  # the longest prompt: sequential heads' first drafts re-read it
-        self.positions = torch.arange(dec.k, device=dec.device)  # a row's fed tokens, from its last committed one
         self.drafts = self.proposals = None  # (B, k - 1) the next step's drafts; their q (B, k - 1, V) when sampling
         self.last = None  # (B,) the last position the verifier has read: where the next drafts are made
 
@@ -53,11 +52,7 @@ class ChainSteps:
             draft = dec.sequential_drafts if first else dec.sequential_drafts_fn
             self.drafts, self.proposals = draft(dec.seq, self.last, window, dec.kv_len(longest))
         # verify: each row's last committed token and its k - 1 drafts, at its own positions
-        root = (dec.lengths - 1)[:, None]  # (B, 1) each row's last committed position
-        fed = dec.seq.gather(1, root)
-        if k > 1:
-            fed = torch.cat([fed, self.drafts], 1)  # (B, k)
-        h, extra = dec.forward_fn(fed, root + self.positions, kv_len)
+        h, extra = dec.forward_fn(*dec.fed(self.drafts if k > 1 else None), kv_len)
         new, n_accepted = accept(dec, dec.model.logits(h), self.drafts, self.proposals)
         if k > 1 and not dec.sequential:  # the next drafts, from the position just accepted
             self.drafts, self.proposals = dec.parallel_drafts(extra, n_accepted)

@@ -199,6 +199,15 @@ class Decoder:
             ar = torch.arange(self.k - 1, device=n_accepted.device)
             self.accepted.add_(((n_accepted[:, None] > ar) & self.active[:, None]).sum(0))
 
+    def fed(self, drafts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a step feeds: each row's last committed token followed by its drafts (B, k - 1;
+        None where k = 1), (B, k), at the row's own positions (B, k)."""
+        root = (self.lengths - 1)[:, None]  # (B, 1) each row's last committed position
+        fed = self.seq.gather(1, root)
+        if drafts is not None:
+            fed = torch.cat([fed, drafts], 1)
+        return fed, root + torch.arange(fed.shape[1], device=fed.device)
+
     # ---- the fused greedy step (parallel-type heads) --------------------------------------
     def greedy_step(self, fed: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """A whole greedy step of parallel-type heads in one function (one graph when compiled):
@@ -212,10 +221,7 @@ class Decoder:
     def greedy_round(self, kv_len: int, eot_id: int | None) -> torch.Tensor:
         """A whole greedy decode step of parallel-type heads, one graph when compiled: feed each
         row's last token and its drafts, verify, draft again, commit -> commit()'s result."""
-        last = self.seq.gather(1, (self.lengths - 1)[:, None])
-        fed = torch.cat([last, self.drafts], 1) if self.k > 1 else last  # (B, k)
-        positions = (self.lengths - 1)[:, None] + torch.arange(self.k, device=fed.device)
-        new, n_accepted, drafts = self.greedy_step(fed, positions, kv_len)
+        new, n_accepted, drafts = self.greedy_step(*self.fed(self.drafts if self.k > 1 else None), kv_len)
         self.count(n_accepted)
         if drafts is not None:
             self.drafts.copy_(drafts)

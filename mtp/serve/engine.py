@@ -419,12 +419,8 @@ class Engine:
         if all(r.cfg.greedy for r in rows):
             result = vd.greedy_round(kv_len, self.eot_id)  # (the *_fn fields are the pool decoder's)
         else:
-            root = (vd.lengths - 1)[:, None]
-            fed = vd.seq.gather(1, root)
             drafts = vd.drafts if k > 1 else None
-            if k > 1:
-                fed = torch.cat([fed, drafts], 1)  # (n, k)
-            h, extra = vd.forward(fed, root + torch.arange(k, device=self.device), kv_len)
+            h, extra = vd.forward(*vd.fed(drafts), kv_len)
             logits = self.model.logits(h)  # (n, k, V)
             new, a = greedy_accept(logits.argmax(-1), drafts)
             for i, r in enumerate(rows):
