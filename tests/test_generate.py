@@ -361,6 +361,12 @@ def test_compiled_decoding_equals_eager(head_type):
         assert out.stats.forward_passes == eager.stats.forward_passes
         assert out.stats.acceptance_by_head == pytest.approx(eager.stats.acceptance_by_head)
     assert len(kept_decoders(model)) == 1
+    # the kept decoder with other budgets (the same graphs): its state is read afresh, not
+    # compiled in with the first call's values (the budget once was, on a CPU: frozen with the weights)
+    for n in (24, 5):
+        out_n = generate(model, prompts, GenerationConfig(max_new_tokens=n, speculative=3, compile=True))
+        assert out_n.tokens == [reference_greedy(model, p, n) for p in prompts], n
+    assert len(kept_decoders(model)) == 1
     if head_type == "parallel":
         # on a CPU the weights are compiled in as constants: changed weights must be compiled again
         with torch.no_grad():

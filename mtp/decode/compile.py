@@ -29,8 +29,13 @@ if TYPE_CHECKING:
 # both: at the few rows of a decode step they are several times faster), the weights frozen into
 # the compiled code as constants (which those kernels need: they are packed once at compile time),
 # and a C++ wrapper calling the kernels instead of Python. Frozen weights do not follow the model:
-# a kept decoder is rebuilt when they change (weights_key).
+# a kept decoder is rebuilt when they change (weights_key). Not `cpp.weight_prepack`: its oneDNN
+# (mkldnn) weight tensors cannot be pickled, so inductor's FX graph cache skipped every decode
+# graph and each new process compiled from scratch (86 s for a step of the quickstart's model on
+# one core); without it the graphs are cached on disk and a new process compiles the same step in
+# 24 s (57 s the first time), at the same decoding speed (benchmarks/compile_cache.py).
 CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True,
+               "cpp.weight_prepack": False,
                # quiet: no tables of autotuning timings on stderr (mtp logs what it compiles, and for how long)
                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
@@ -61,8 +66,11 @@ def compile_steps(dec: Decoder) -> Decoder:
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
     dec.weights = weights_key(dec.model) if weights_in else None
-    # the buffers a step writes in place keep their addresses: CUDA graphs may capture them
-    static = [*dec.cache.buffers(), *dec.state_buffers()]
+    # the buffers a step writes in place keep their addresses: CUDA graphs may capture them. Not
+    # where the weights are frozen in (CPU): freezing takes static-address inputs for weights too,
+    # and folds in as constants those a step only reads (the rows' budgets: a kept decoder then
+    # stopped every later call at its first call's budget). The stacked heads' weights are weights.
+    static = [] if weights_in else [*dec.cache.buffers(), *dec.state_buffers()]
     for t in static + (list(dec.stacked.buffers()) if dec.stacked is not None else []):
         torch._dynamo.mark_static_address(t)
     dec.forward_fn = wrap(torch.compile(dec.forward, dynamic=False, **how))
