@@ -14,8 +14,9 @@ to docs/figures/induction_by_size.png.
 
 Formation step: the first evaluation step at which the held-out next-token loss has fallen below
 the midpoint between its plateau (the highest loss after the warm-up) and its final value, for a
-run whose final induction accuracy is at least twice the first-occurrence baseline; otherwise the
-run did not form the mechanism within the budget.
+run that formed the mechanism: final induction accuracy at least 0.5, i.e. more than half of the
+repeated names' later tokens copied (the first-occurrence baseline, where copying cannot help, is
+about 0.14); otherwise the run did not form it within the budget.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ FIGURE = ROOT / "docs" / "figures" / "induction_by_size.png"
 
 DIMS = (64, 128, 256)  # 6 blocks, 4 attention heads: about 0.33M, 1.29M and 4.9M parameters
 SEEDS = (0, 1, 2)
+FORMED = 0.5  # induction accuracy from which a run counts as having formed the copying mechanism
 TRAIN = ["--n-layers", "6", "--n-heads", "4", "--max-seq-len", "256", "--seq-len", "256", "--batch-size", "8",
          "--steps", "2500", "--lr", "2e-3", "--warmup", "100", "--eval-every", "100", "--save-every", "250",
          "--log-every", "25"]
@@ -101,7 +103,7 @@ def collect() -> list[dict]:
         for path in sorted((OUT / f"d{dim}").glob("*/run.summary.json")):
             r = json.loads(path.read_text())
             m = r["metrics"]
-            formed = m["induction_accuracy"] >= 2 * m["first_occurrence_accuracy"]
+            formed = m["induction_accuracy"] >= FORMED
             rows.append({"dim": dim, "n": r["n_future"], "seed": r["seed"], "params": r["params"],
                          "induction": m["induction_accuracy"], "baseline": m["first_occurrence_accuracy"],
                          "heldout_loss": r["heldout_loss"][0], "formed": formed,
