@@ -44,7 +44,7 @@ eager = generate(model, prompt, GenerationConfig(max_new_tokens=new, speculative
 from torch._dynamo.utils import counters
 cache = {key.removeprefix("fxgraph_cache_"): v for key, v in counters["inductor"].items() if key.startswith("fxgraph_cache")}
 print(json.dumps({"compile_s": compile_s, "tok_s": len(res.tokens[0]) / best, "same": res.tokens == eager.tokens,
-                  "cache": cache}))
+                  "fx_cache": cache}))
 """
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     print("| weight prepack | k | inductor cache | compile s | tok/s | same tokens as eager | FX graph cache |")
     print("|---|---|---|---:|---:|---|---|")
     for r in rows:
-        cache = ", ".join(f"{k} {v}" for k, v in sorted(r["cache"].items())) or "-"
+        cache = ", ".join(f"{k} {v}" for k, v in sorted(r["fx_cache"].items())) or "-"
         print(f"| {'on' if r['prepack'] else 'off'} | {r['k']} | {r['cache']} | {r['compile_s']:.1f} | {r['tok_s']:.0f} "
               f"| {'yes' if r['same'] else 'NO'} | {cache} |")
 

@@ -105,7 +105,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: CUDA graphs on GPU; on CPU, C++ matrix kernels on the "
-                        "weights frozen in (compiling takes 30 s to a few minutes per batch size and k)")
+                        "weights frozen in (compiling takes 1-2 minutes per batch size and k, ~20 s in a later process: "
+                        "inductor caches the graphs on disk)")
     p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
                    help="CPU: linear layers compute with weights prepacked for oneDNN (one more copy of them in "
                         "memory); auto: for models with >= 64 MiB of linear weights, each product packed from the "
