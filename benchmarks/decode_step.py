@@ -124,10 +124,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
           f"position {args.position}; x greedy: over the greedy step with the same weights")
     modes = ("as stored", "packed", "measured") if applies(model) else ("as stored",)
-    for b in [int(x) for x in args.batch_sizes.split(",")]:
+    for i, b in enumerate(int(x) for x in args.batch_sizes.split(",")):
         costs = {w: step_costs(model, b, ks, args.position, args.steps, args.rounds, w) for w in modes}
         best = min(c[(1, True)] for c in costs.values())
-        if b == int(args.batch_sizes.split(",")[0]):
+        if i == 0:
             if "measured" in modes:
                 print(f"measured: products compute packed from {measured_rows(model):g} rows on")
             print("| batch | weights | k | heads | ms per step | x greedy | x best greedy |")

@@ -21,7 +21,6 @@ never wait for or pad to each other.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import torch
 from mtp.decode.chain import ChainSteps
 from mtp.decode.compile import decoder_for
 from mtp.decode.decoder import StepResult
-from mtp.decode.packed import packed_linears, will_pack
+from mtp.decode.packed import packing
 from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
 from mtp.errors import MTPError
 from mtp.model import MTPTransformer
@@ -168,10 +167,8 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     lens, budgets = _prepare_prompts(model, prompts, cfg)
     was_training = model.training
     model.eval()
-    pack = will_pack(model, cfg.pack_weights, cfg.compile)
-    packing = packed_linears(model, measured=cfg.pack_weights is None) if pack else contextlib.nullcontext()
     try:
-        with packing:
+        with packing(model, cfg.pack_weights, cfg.compile):
             return _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree)
     finally:
         model.train(was_training)

@@ -114,6 +114,15 @@ def will_pack(model: nn.Module, pack_weights: bool | None, compiled: bool = Fals
     return pack_weights if pack_weights is not None else _linear_bytes(model) >= MIN_BYTES
 
 
+def packing(model: nn.Module, pack_weights: bool | None, compiled: bool = False):
+    """The context a decoding loop runs in: `packed_linears` where decoding packs (`will_pack`,
+    which refuses `on` where packing cannot apply, at this call), measured when packing is auto
+    (None); else a context that does nothing."""
+    if not will_pack(model, pack_weights, compiled):
+        return contextlib.nullcontext()
+    return packed_linears(model, measured=pack_weights is None)
+
+
 def _key(w: torch.Tensor):
     # its storage and its in-place updates (the cache also holds the tensor, to tell a replacement)
     return w.data_ptr(), w._version, w.dtype, tuple(w.shape)

@@ -32,7 +32,6 @@ drafts' embeddings and keep the chain.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import statistics
 import time
@@ -351,7 +350,7 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
     moving keys and values, commit, the transfer to the host) of a tree of T - 1 nodes using the
     k - 1 drafting heads, after `context` committed positions. Each the median of `repeats`
     steps; the sizes take turns within each round."""
-    from mtp.decode.packed import packed_linears, will_pack
+    from mtp.decode.packed import packing
 
     dev = model.output.weight.device
     V, depth = model.config.vocab_size, max(k - 1, 1)
@@ -383,10 +382,8 @@ def measure_step_cost(model, batch: int, max_tokens: int, k: int, repeats: int =
 
     was_training = model.training
     model.eval()
-    packing = (packed_linears(model, measured=pack_weights is None) if will_pack(model, pack_weights, False)
-               else contextlib.nullcontext())
     try:
-        with packing:
+        with packing(model, pack_weights):
             runs = {T: prepared(T)[1] for T in range(1, max_tokens + 1)}
             for fn in runs.values():
                 fn().tolist()  # warm-up

@@ -120,11 +120,6 @@ def _checkpoint_step(run_dir: Path) -> int | None:
     return int(meta.get("step", -1))
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    step = _checkpoint_step(run_dir)
-    return step is not None and step >= steps
-
-
 SUMMARY = "run.summary.json"
 
 
@@ -228,10 +223,10 @@ def run_sweep(task: str, out: Path, variants: Sequence[Variant], *, base: ModelC
                 runs.append(row)
                 continue
             t0 = time.perf_counter()
-            if overwrite or not _finished(run_dir, tcfg.steps):
+            step = None if overwrite else _checkpoint_step(run_dir)
+            if step is None or step < tcfg.steps:
                 for stale in ("eval.json", "decode.json", "train_seconds.json", SUMMARY):  # from an older model
                     (run_dir / stale).unlink(missing_ok=True)
-                step = None if overwrite else _checkpoint_step(run_dir)
                 resumed = step is not None and 0 < step < tcfg.steps
                 try:
                     train(tcfg, None if resumed else mcfg, resume=resumed, overwrite=not resumed, progress=progress)

@@ -37,7 +37,6 @@ fields) is used here and nowhere else in mtp.serve.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import sys
@@ -54,7 +53,7 @@ import torch.nn as nn
 from mtp.errors import MTPError
 from mtp.decode.cache import KVCache, ModelCache
 from mtp.decode.decoder import Decoder, StepResult
-from mtp.decode.packed import packed_linears, will_pack
+from mtp.decode.packed import packing
 from mtp.decode.sampling import accept, greedy_accept, process_logits, sample
 from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
 from mtp.generate import GenerationConfig, resolve_k
@@ -190,8 +189,7 @@ class Engine:
                             *(self.pool.heads[i] for i in used_heads
                               if i >= self.n_stacked and isinstance(self.pool.heads[i], KVCache))]
         self.device = self.dec.device
-        self.pack = will_pack(model, pack_weights, False)
-        self.pack_measured = pack_weights is None  # auto: packed from the rows where it pays here
+        self.packing = packing(model, pack_weights)  # entered by the loop; refuses `on` here, where it cannot apply
         self._views: dict[int, Decoder] = {}
         self.layout = 0  # the stacked cache is laid out for this many rows
         self.rows: list[_Row] = []
@@ -276,8 +274,7 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
-        packing = packed_linears(self.model, measured=self.pack_measured) if self.pack else contextlib.nullcontext()
-        with torch.no_grad(), packing:
+        with torch.no_grad(), self.packing:
             self.ready.set()
             while True:
                 with self._cv:
