@@ -32,6 +32,7 @@ def markov_batch(g: torch.Generator, B: int, T: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # its first caller may be a test under no_grad (the order of tests varies with xdist)
 def trained(head_type: str, n_kv_heads: int = 2) -> MTPTransformer:
     torch.manual_seed(0)
     model = MTPTransformer(ModelConfig(vocab_size=V, dim=32, n_layers=5, n_heads=4, n_kv_heads=n_kv_heads,

@@ -51,6 +51,7 @@ def _chain(g: torch.Generator, B: int, T: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # trained on first use, whatever grad mode its caller is in
 def _tiny_weights():
     """A byte-level model with 4 parallel heads trained briefly on _chain: its greedy output is
     printable and depends on the prompt; its drafts are accepted in some steps, not in others."""

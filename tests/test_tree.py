@@ -98,6 +98,7 @@ def fork_batch(g: torch.Generator, B: int, T: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.enable_grad()  # trained on first use, whatever grad mode its caller is in
 def fork_model() -> MTPTransformer:
     torch.manual_seed(0)
     model = MTPTransformer(ModelConfig(vocab_size=FV, dim=32, n_layers=4, n_heads=4, max_seq_len=64,
