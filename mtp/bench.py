@@ -23,14 +23,16 @@ from mtp.decode.packed import will_pack
 
 
 def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fraction: float = 0.005,
-                   progress: bool = False) -> list[list[int]]:
-    """n prompts of `length` tokens from the held-out split of a corpus, spread evenly over it,
-    each inside one document (no end-of-text token), after the tokenizer's start tokens
-    (`bos_ids`, where its convention has them)."""
+                   progress: bool = False, split: str = "val") -> list[list[int]]:
+    """n prompts of `length` tokens from the held-out split of a corpus (or, with split="train",
+    its training split), spread evenly over it, each inside one document (no end-of-text token),
+    after the tokenizer's start tokens (`bos_ids`, where its convention has them)."""
     from mtp.data import build_token_data, default_cache_dir
 
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
     data = build_token_data(corpus, tokenizer, default_cache_dir(), val_fraction, progress=progress)
-    val = np.asarray(data.val)
+    val = np.asarray(data.val if split == "val" else data.train)
     eot = getattr(tokenizer, "eot_id", None)
     starts = []
     # candidate windows that hold no document boundary
@@ -45,7 +47,7 @@ def corpus_prompts(corpus: Sequence[str], tokenizer, n: int, length: int, val_fr
         starts.append(int(s))
     starts = sorted(set(starts))
     if len(starts) < n:
-        raise MTPError(f"the held-out split of {list(corpus)} has fewer than {n} documents of {length} tokens "
+        raise MTPError(f"the {'held-out' if split == 'val' else 'training'} split of {list(corpus)} has fewer than {n} documents of {length} tokens "
                        "for prompts: give --prompts or a shorter --prompt-len")
     pick = np.linspace(0, len(starts) - 1, num=n).astype(np.int64)
     bos = list(getattr(tokenizer, "bos_ids", ()))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 MODULES = ("train", "info", "generate", "bench", "tokenizer", "demo", "eval", "sweep", "tasks", "convert",
-           "finetune", "serve")
+           "finetune", "selfdata", "serve")
 
 
 def add_all(sub) -> None:
