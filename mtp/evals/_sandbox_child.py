@@ -360,4 +360,5 @@ def _tuple_of(names):
     return tuple(str(n) for n in names)
 
 
-_sandbox()
+if __name__ == "__main__":  # run with -c; importing this file (a package walk) must do nothing
+    _sandbox()
