@@ -16,6 +16,7 @@ the settings; a rerun with others is refused unless ``overwrite``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -74,6 +75,10 @@ def write_self_data(model, tokenizer, prompts: Sequence[Sequence[int]], out: str
     from mtp.generate import GenerationConfig, generate
 
     cfg.validate()
+    eot = getattr(tokenizer, "eot_id", None)
+    gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            speculative=cfg.speculative, eot_id=eot, pack_weights=cfg.pack_weights)
+    gcfg.validate()  # bad sampling settings fail before anything is written
     out = Path(out)
     meta_path = out.with_name(out.name + ".meta.json")
     meta = {"config": asdict(cfg), "source": source or {}, "n_prompts": len(prompts)}
@@ -88,7 +93,6 @@ def write_self_data(model, tokenizer, prompts: Sequence[Sequence[int]], out: str
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1))
     done = _complete_lines(out)
-    eot = getattr(tokenizer, "eot_id", None)
     bos = list(getattr(tokenizer, "bos_ids", ()))  # the start tokens are the tokenizer's to add again
     new_tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), initial=min(done, len(prompts)), desc="self-data", unit="prompt",
@@ -96,11 +100,7 @@ def write_self_data(model, tokenizer, prompts: Sequence[Sequence[int]], out: str
     with open(out, "a", encoding="utf-8") as f:
         for start in range(done - done % cfg.batch_size, len(prompts), cfg.batch_size):
             batch = [list(p) for p in prompts[start : start + cfg.batch_size]]
-            gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, seed=cfg.seed + start // cfg.batch_size,
-                                    speculative=cfg.speculative, eot_id=eot,
-                                    pack_weights=cfg.pack_weights)
-            res = generate(model, batch, gcfg)
+            res = generate(model, batch, dataclasses.replace(gcfg, seed=cfg.seed + start // cfg.batch_size))
             for j, (prompt, toks) in enumerate(zip(batch, res.tokens)):
                 if start + j < done:  # written before a crash inside this batch
                     continue

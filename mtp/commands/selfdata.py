@@ -24,8 +24,6 @@ def cmd_selfdata(args) -> int:
                          seed=args.seed, speculative=args.speculative,
                          pack_weights=PACK_WEIGHTS[args.pack_weights])
     cfg.validate()
-    if not cfg.temperature >= 0:
-        raise MTPError(f"--temperature must be >= 0, got {cfg.temperature}")
     model, tok, meta = load_for_decoding(args)
     train_cfg = meta.get("train") or {}
     corpus = args.corpus or train_cfg.get("corpus")
