@@ -170,10 +170,13 @@ def test_sweep_end_to_end_and_resume(capsys, corpus, tmp_path):
 def test_sweep_bad_input(capsys, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
+    (tmp_path / "from_git" / "n1_s0").mkdir(parents=True)  # a sweep cloned from git: runs' small files only
+    (tmp_path / "from_git" / "n1_s0" / "run.json").write_text("{}")
     for argv, needle in [
         (["sweep", "--task", "nope", "--out", tmp_path / "s"], "unknown sweep task"),
         (["sweep", "--task", "loss", "--out", tmp_path / "busy"], "not a sweep directory"),
         (["sweep", "--task", "loss", "--out", tmp_path / "s", "--n", "1,9"], "needs at least 9 blocks"),
+        (["sweep", "--task", "loss", "--out", tmp_path / "from_git", "--n", "1,9"], "needs at least 9 blocks"),
         (["sweep", "--task", "loss", "--out", tmp_path / "s", "--variants", "n=2;x=1"], "unknown key"),
     ]:
         code, out, err = run_cli(capsys, *argv)

@@ -38,7 +38,10 @@ def cmd_sweep(args) -> int:
         raise MTPError("--seeds lists no seed")
     out = Path(args.out)
     check_writable(out, "--out", directory=True)  # also refuses an existing file
-    is_sweep = (out / "results.json").exists() or (out / "data").exists() or any(out.glob("*/checkpoint"))
+    # a sweep kept in git has only its runs' small files (data/, checkpoints and results.json are
+    # not committed): a run's run.json marks it as a sweep directory too
+    is_sweep = ((out / "results.json").exists() or (out / "data").exists() or any(out.glob("*/checkpoint"))
+                or any(out.glob("*/run.json")))
     if out.is_dir() and any(out.iterdir()) and not is_sweep:
         raise MTPError(f"{out} is not empty and not a sweep directory: choose another --out")
     tok = get_tokenizer(args.tokenizer)
