@@ -12,6 +12,11 @@ positions, timed in a loop; the settings take turns and each figure is the best 
     python benchmarks/decode_step.py runs/demo/n4 --batch-sizes 1,4 --threads 1
     python benchmarks/decode_step.py runs/smollm2/heads --steps 5
     python benchmarks/decode_step.py runs/smollm2_distill/heads --profile --k 4
+    python benchmarks/decode_step.py runs/smollm2_distill/heads --k 4 --draft-vocab 8192
+
+--draft-vocab N: also the k-head steps with the heads drafting among the N most frequent tokens
+of the checkpoint's training corpus (mtp.decode.draft_vocab): the drafts' unembedding shrinks by
+V / N (rows "stacked, dv N").
 
 --profile: where a step's time goes (torch.profiler, packed weights where they apply), by kind of
 operator, for the greedy step and the k-head step: the matrix products, attention, the rest of
@@ -33,9 +38,9 @@ from mtp.decode.packed import applies, measured_rows, packed_linears
 from mtp.generate import GenerationConfig, usable_heads
 
 
-def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True):
+def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, draft_vocab=None):
     """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
-    cfg = GenerationConfig(speculative=k, stack_heads=stacked)
+    cfg = GenerationConfig(speculative=k, stack_heads=stacked, draft_vocab=draft_vocab)
     dec = Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
     fed = torch.randint(0, model.config.vocab_size, (batch, k))
     positions = position + torch.arange(k).expand(batch, -1)
@@ -43,11 +48,15 @@ def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True):
 
 
 def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int = 100, rounds: int = 7,
-               weights: str = "as stored") -> dict:
-    """{(k, stacked): seconds per step}; k = 1 is the plain greedy step. weights: as stored,
-    packed or measured."""
-    settings = [(1, True)] + [(k, s) for k in ks for s in (True, False)]
-    runs = {(k, stacked): step_inputs(model, k, batch, position, stacked) for k, stacked in settings}
+               weights: str = "as stored", draft_vocab=None) -> dict:
+    """{(k, heads): seconds per step}; k = 1 is the plain greedy step, heads "stacked", "own
+    blocks" or (with draft_vocab, the token ids) "stacked, dv N". weights: as stored, packed or
+    measured."""
+    settings = [(1, "-")] + [(k, h) for k in ks for h in ("stacked", "own blocks")]
+    if draft_vocab is not None:
+        settings += [(k, f"stacked, dv {len(draft_vocab)}") for k in ks]
+    runs = {(k, h): step_inputs(model, k, batch, position, h != "own blocks",
+                                draft_vocab if "dv" in h else None) for k, h in settings}
     best = {}
     packing = (contextlib.nullcontext() if weights == "as stored"
                else packed_linears(model, measured=weights == "measured"))
@@ -115,27 +124,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="steps per timing")
     ap.add_argument("--rounds", type=int, default=7, help="timings per setting; the fastest is reported")
     ap.add_argument("--profile", action="store_true", help="also split a step's time by operator kind")
+    ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="also the k-head steps drafting among the N most frequent corpus tokens (0: off)")
+    ap.add_argument("--corpus", nargs="*", default=None,
+                    help="--draft-vocab's corpus (default: the checkpoint's training corpus, else stdlib)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _, _ = load_checkpoint(args.checkpoint)
+    model, tok, meta = load_checkpoint(args.checkpoint)
     model.eval()
+    draft_vocab = None
+    if args.draft_vocab:
+        from mtp.decode.draft_vocab import corpus_draft_vocab
+
+        train = meta.get("train") or {}
+        draft_vocab = corpus_draft_vocab(args.corpus or train.get("corpus") or ["stdlib"], tok, args.draft_vocab,
+                                         model.config.vocab_size, train.get("val_fraction", 0.005))
     ks = [int(k) for k in args.k.split(",")] if args.k else list(range(2, usable_heads(model) + 1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
           f"position {args.position}; x greedy: over the greedy step with the same weights")
     modes = ("as stored", "packed", "measured") if applies(model) else ("as stored",)
     for i, b in enumerate(int(x) for x in args.batch_sizes.split(",")):
-        costs = {w: step_costs(model, b, ks, args.position, args.steps, args.rounds, w) for w in modes}
-        best = min(c[(1, True)] for c in costs.values())
+        costs = {w: step_costs(model, b, ks, args.position, args.steps, args.rounds, w, draft_vocab) for w in modes}
+        best = min(c[(1, "-")] for c in costs.values())
         if i == 0:
             if "measured" in modes:
                 print(f"measured: products compute packed from {measured_rows(model):g} rows on")
             print("| batch | weights | k | heads | ms per step | x greedy | x best greedy |")
             print("|---|---|---|---|---|---|---|")
         for weights, c in costs.items():
-            greedy = c[(1, True)]
-            for (k, stacked), sec in c.items():
-                heads = "-" if k == 1 else "stacked" if stacked else "own blocks"
+            greedy = c[(1, "-")]
+            for (k, heads), sec in c.items():
                 print(f"| {b} | {weights} | {k} | {heads} | {sec * 1e3:.3f} | {sec / greedy:.2f} | {sec / best:.2f} |",
                       flush=True)
         if args.profile:

@@ -2,8 +2,11 @@
 run, batch 1, on held-out code and on natural-language prompts:
 
   mtp greedy              our plain decoding (the reference every other row is compared with)
-  mtp k=K chain           self-speculative decoding with K heads
+  mtp k=K chain           self-speculative decoding with K heads (--k: one or several)
+  mtp k=K chain, dv N     the same, the heads drafting among the N most frequent corpus tokens
+                          (--draft-vocab N; mtp.decode.draft_vocab)
   mtp tree                the tree chosen for this machine from the heads' held-out acceptance
+                          (heads that draft in parallel only: sequential heads keep the chain)
   transformers greedy     `LlamaForCausalLM.generate` on the same float32 weights
   transformers lookup     transformers' prompt lookup decoding (n-gram drafts from the prompt)
   llama.cpp f32           llama-cpp-python on a float32 GGUF of the same weights
@@ -109,7 +112,9 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", default="4", help="heads of the chain rows, e.g. 3,4")
+    ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="also the chains with the heads drafting among the N most frequent stdlib tokens")
     ap.add_argument("--lookup-tokens", type=int, default=10, help="draft length of the prompt lookup peers")
     ap.add_argument("--tree-max-nodes", type=int, default=32)
     ap.add_argument("--sets", default="code,nl")
@@ -129,6 +134,15 @@ def main() -> None:
     N = args.max_new_tokens
     model, tok, _ = load_checkpoint(args.checkpoint)
     model.eval()
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    draft_vocab = None
+    if args.draft_vocab:
+        from mtp.decode.draft_vocab import corpus_draft_vocab
+
+        draft_vocab = corpus_draft_vocab(["stdlib"], tok, args.draft_vocab, model.config.vocab_size)
+    if not model.graph.drafts_in_parallel and "mtp tree" not in skip:
+        print("mtp tree left out: sequential heads read their own drafts, so they keep the chain", file=sys.stderr)
+        skip.append("mtp tree")
     threads = torch.get_num_threads()
     print(f"{args.checkpoint}: {model.config.n_future} heads, {threads} threads, {N} new tokens per prompt, "
           f"batch 1", file=sys.stderr)
@@ -195,11 +209,14 @@ def main() -> None:
         return run
 
     report = {"checkpoint": str(args.checkpoint), "threads": threads, "max_new_tokens": N,
+              "draft_vocab": None if draft_vocab is None else len(draft_vocab),
               "prompt_len": args.prompt_len, "n_prompts": args.n_prompts, "torch": torch.__version__, "sets": {}}
     for sname, (prompts, held_out) in sets.items():
-        runs: list[tuple[str, object]] = [("mtp greedy", ours(GenerationConfig(max_new_tokens=N, speculative=1))),
-                                           (f"mtp k={args.k} chain", ours(GenerationConfig(max_new_tokens=N,
-                                                                                          speculative=args.k)))]
+        runs: list[tuple[str, object]] = [("mtp greedy", ours(GenerationConfig(max_new_tokens=N, speculative=1)))]
+        runs += [(f"mtp k={k} chain", ours(GenerationConfig(max_new_tokens=N, speculative=k))) for k in ks]
+        if draft_vocab is not None:
+            runs += [(f"mtp k={k} chain, dv {len(draft_vocab)}",
+                      ours(GenerationConfig(max_new_tokens=N, speculative=k, draft_vocab=draft_vocab))) for k in ks]
         tree_info = None
         if wanted("mtp tree"):
             choice = auto_tree(model, held_out, batch=1, max_nodes=args.tree_max_nodes)

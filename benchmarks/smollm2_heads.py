@@ -73,6 +73,11 @@ def main() -> None:
                     help="train on the model's own greedy continuations of N training-split prompts "
                          "(mtp selfdata) instead of the corpus (0: off)")
     ap.add_argument("--self-data-new-tokens", type=int, default=192)
+    ap.add_argument("--head-type", default="parallel",
+                    help="the extra heads' type: parallel (Medusa-like blocks on the trunk) or sequential "
+                         "(EAGLE / DeepSeek-V3 style: head i also reads the embedding of token t + i; chain only)")
+    ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="step 4 also decodes with the heads drafting among the N most frequent corpus tokens (0: off)")
     ap.add_argument("--dtype", default="float32",
                     help="training's compute dtype: float32, or bfloat16 (autocast; 2.3x faster on a CPU with "
                          "avx512_bf16, slower without)")
@@ -111,6 +116,7 @@ def main() -> None:
         if args.trunk_cache_windows:
             extra += ["--trunk-cache-windows", args.trunk_cache_windows]
         run_json("finetune", base, corpus, "--out", heads, "--n-future", "4", "--mode", "heads",
+                 "--head-type", args.head_type,
                  "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                  "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,
                  "--save-every", 10, "--log-every", 5, "--device", args.device, "--dtype", args.dtype, *extra,
@@ -131,10 +137,15 @@ def main() -> None:
     nl = story_prompts(tok, args.n_prompts, args.prompt_len, stories=slice(250, None))
     nl_file.write_text("".join(json.dumps({"prompt": tok.decode(p)}) + "\n" for p in nl))
     common = ["--batch-sizes", args.bench_batch_sizes, "--max-new-tokens", args.max_new_tokens, "--repeats", 1,
-              "--device", args.device, "--tree", "auto"]
+              "--device", args.device, *(["--tree", "auto"] if args.head_type != "sequential" else [])]
     bench = {"code": run_json("bench", heads, "--corpus", "stdlib", "--prompt-len", args.prompt_len,
                               "--n-prompts", args.n_prompts, *common),
              "nl": run_json("bench", heads, "--prompts", nl_file, *common)}
+    if args.draft_vocab:  # the same, the heads drafting among the corpus's most frequent tokens
+        dv = ["--draft-vocab", args.draft_vocab, "--corpus", "stdlib"]
+        bench["code_draft_vocab"] = run_json("bench", heads, "--prompt-len", args.prompt_len,
+                                             "--n-prompts", args.n_prompts, *common, *dv)
+        bench["nl_draft_vocab"] = run_json("bench", heads, "--prompts", nl_file, *common, *dv)
 
     print("[5/5] speculative output of the heads model vs the original model's greedy", file=sys.stderr)
     sets = {"code": corpus_prompts(["stdlib"], tok, 4, args.prompt_len), "nl": nl[:4]}
@@ -149,7 +160,8 @@ def main() -> None:
     train_rows = [json.loads(x) for x in (heads / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train_rows = [r for r in train_rows if r.get("kind") == "train"]
     result = {
-        "gguf": str(gguf), "steps": args.steps, "distill": args.distill,
+        "gguf": str(gguf), "steps": args.steps, "distill": args.distill, "head_type": args.head_type,
+        "draft_vocab": args.draft_vocab or None,
         "distill_temperature": args.distill_temperature if args.distill is not None else None,
         "trunk_cache_windows": args.trunk_cache_windows, "tokens_trained": train_rows[-1]["tokens"] if train_rows else None,
         "train_tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,

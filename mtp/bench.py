@@ -156,13 +156,15 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
               max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3,
               pack_weights: bool | None = None, tree=None, tree_texts: Sequence[Sequence[int]] | None = None,
-              tree_max_nodes: int = 32) -> dict:
+              tree_max_nodes: int = 32, draft_vocab: Sequence[int] | None = None) -> dict:
     """Greedy and speculative tokens/s for each batch size and k, over every prompt in batches of
     that size, each the best of `repeats` timed runs after a warm-up (the fastest run is the one
     least disturbed by the machine; the settings take turns within each round).
     tree: also a token tree (mtp.decode.tree) in the same rounds, beside the chains: a Tree or
     its spec, or "auto" (chosen per batch size from the heads' acceptance on tree_texts and the
     step cost measured here, mtp.decode.tree.auto_tree).
+    draft_vocab: the token ids the heads draft among in every speculative setting
+    (mtp.decode.draft_vocab); None: the whole vocabulary.
     Returns {"results": [...], ...}."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     ks = check_bench_args(model, batch_sizes, ks)
@@ -182,9 +184,11 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     def run(batches, k) -> _Pass:
         if k == "tree":  # the tree chosen for this batch size
             t = chosen[len(batches[0])].tree
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=t, pack_weights=pack_weights)
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=t, pack_weights=pack_weights,
+                                   draft_vocab=draft_vocab)
             return _sum_passes([generate(model, batch, cfg) for batch in batches], t.depth + 1)
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights,
+                               draft_vocab=draft_vocab if k > 1 else None)
         return _sum_passes([generate(model, batch, cfg) for batch in batches], k)
 
     def hf_run(batches):
@@ -247,6 +251,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
             "packed_weights": will_pack(model, pack_weights, compile),
+            "draft_vocab": None if draft_vocab is None else len(draft_vocab),
             **({"trees": {str(b): c.to_dict() for b, c in chosen.items()}} if chosen else {}),
             "results": results}
 

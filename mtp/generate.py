@@ -57,6 +57,9 @@ class GenerationConfig:
     # a token tree verified per step instead of a chain (mtp.decode.tree.Tree or its spec, e.g.
     # "0;1;0,0"); None: the chain of `speculative` heads
     tree: object = None
+    # the token ids the heads draft among (mtp.decode.draft_vocab; e.g. a corpus's most frequent
+    # tokens); None: the whole vocabulary. The verifier always reads the whole vocabulary.
+    draft_vocab: Sequence[int] | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -159,6 +162,10 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     if cfg.stop and tokenizer is None:
         raise MTPError("stop strings need a tokenizer to decode the output")
     k = resolve_k(model, cfg.speculative)
+    if cfg.draft_vocab is not None:
+        from mtp.decode.draft_vocab import check_draft_vocab
+
+        check_draft_vocab(cfg.draft_vocab, model.config.vocab_size)
     tree = None
     if cfg.tree is not None:
         from mtp.decode.tree import resolve_tree

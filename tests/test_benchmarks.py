@@ -90,3 +90,11 @@ def test_decode_step_table_runs_every_weight_setting(tmp_path):
     modes = ["as stored", "packed", "measured"] if applies(model) else ["as stored"]
     assert [r[1].strip() for r in rows] == [m for m in modes for _ in range(3)]  # greedy, k=2 twice
     assert all(float(r[4]) > 0 for r in rows)
+    # --draft-vocab: a third k = 2 row per weight setting, the heads drafting among 16 tokens
+    (tmp_path / "corpus.txt").write_text("abcdefghijklmnopqrstuvwxyz = 0123456789\n" * 200)  # 39 distinct bytes
+    proc = subprocess.run([sys.executable, str(BENCH / "decode_step.py"), str(tmp_path / "ckpt"), "--position", "8",
+                           "--steps", "2", "--rounds", "1", "--threads", "1", "--draft-vocab", "16",
+                           "--corpus", str(tmp_path / "corpus.txt")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [r[3].strip() for r in rows[:4]] == ["-", "stacked", "own blocks", "stacked, dv 16"]

@@ -133,6 +133,19 @@ def test_bench_prompt_file_and_table(capsys, ckpt, tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_with_a_draft_vocab(capsys, ckpt):
+    """--draft-vocab: the heads draft among the corpus's most frequent tokens, the output stays greedy's."""
+    path, _ = ckpt
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1", "--k", "3", "--max-new-tokens", "10",
+                             "--prompt-len", "16", "--repeats", "1", "--draft-vocab", "8", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["draft_vocab"] == 8  # tokens: the corpus has more distinct ones
+    assert all(r["identical"] for r in report["results"])
+    code, out, err = run_cli(capsys, "bench", path, "--draft-vocab", "0")
+    assert code == 2 and "--draft-vocab must be at least 1, got 0" in err
+
+
 def test_bench_against_transformers(capsys, ckpt):
     pytest.importorskip("transformers")
     path, _ = ckpt

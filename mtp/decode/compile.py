@@ -103,7 +103,8 @@ def decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: Ge
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
     p = model.output.weight
-    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads)
+    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads,
+           None if cfg.draft_vocab is None else tuple(cfg.draft_vocab))
     # kept per model and shape, so that later calls reuse the compiled graphs (and on CUDA the
     # captured graphs, which point at the decoder's own cache buffers)
     per_model = _kept.setdefault(model, {})

@@ -32,6 +32,7 @@ import torch
 
 from mtp.config import TRUNK
 from mtp.decode.cache import ModelCache
+from mtp.decode.draft_vocab import DraftVocab
 from mtp.decode.sampling import greedy_accept, process_logits, sample
 from mtp.decode.stacked import stacked_heads
 
@@ -108,6 +109,7 @@ class Decoder:
         self.compiled = False  # compiled: attention always reads the whole cache (static shapes)
         self.weights = None  # compiled with the weights as constants: their weights_key
         self.generator: torch.Generator | None = None
+        self.draft_vocab: DraftVocab | None = None  # the heads' restricted unembedding (cfg.draft_vocab)
 
     @property
     def model(self) -> MTPTransformer:
@@ -124,6 +126,12 @@ class Decoder:
     def reset(self, cfg: GenerationConfig) -> "Decoder":
         """Start a generate() call: its settings and its random generator."""
         self.cfg, self.generator = cfg, None
+        if cfg.draft_vocab is None:
+            self.draft_vocab = None
+        else:
+            if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(cfg.draft_vocab):
+                self.draft_vocab = DraftVocab(cfg.draft_vocab)
+            self.draft_vocab.refresh(self.model)
         if self.stacked is not None:
             self.stacked.refresh()  # the weights may have changed since this decoder was built
         if not cfg.greedy:
@@ -235,10 +243,17 @@ class Decoder:
         probs = process_logits(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
         return sample(probs, self.generator), probs
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A drafting head's logits (..., V) from its hidden output (..., D): over the draft
+        vocabulary where there is one (-inf elsewhere), else the model's own."""
+        if self.draft_vocab is None:
+            return self.model.logits(hidden)
+        return self.draft_vocab.logits(self.model, hidden)
+
     def parallel_drafts(self, extra, idx: torch.Tensor):
         """Drafts of heads 1..k-1 at index idx (B,) of the step: (B, k-1) tokens and proposals.
         extra is what forward returned for them: their outputs, or (stacked) their state."""
-        tokens, probs = self.choose(self.model.logits(self.draft_hidden(extra, idx)))  # (k-1, B), (k-1, B, V)
+        tokens, probs = self.choose(self.head_logits(self.draft_hidden(extra, idx)))  # (k-1, B), (k-1, B, V)
         return tokens.T, (None if probs is None else probs.transpose(0, 1))
 
     def draft_hidden(self, extra, idx: torch.Tensor) -> torch.Tensor:
@@ -258,7 +273,7 @@ class Decoder:
         picks = []
         for i in range(1, self.k):
             x = model.run_head(i, x, cache=self.cache, future_tokens=seq.gather(1, pos + i))
-            tok, probs = self.choose(model.logits(x[:, -1]))  # head i at `last` predicts last + 1 + i
+            tok, probs = self.choose(self.head_logits(x[:, -1]))  # head i at `last` predicts last + 1 + i
             seq.scatter_(1, (last + 1 + i)[:, None], tok[:, None])
             picks.append((tok, probs))
         tokens = torch.stack([t for t, _ in picks], 1)  # (B, k-1)

@@ -199,7 +199,7 @@ class TreeSteps:
         """Every node's token from the drafting heads at index idx (B,) of the step just run:
         greedy, head d's rank-r token; sampling, the r-th of i.i.d. draws from head d's q."""
         dec = self.dec
-        logits = self.model.logits(dec.draft_hidden(extra, idx))  # (D, B, V)
+        logits = dec.head_logits(dec.draft_hidden(extra, idx))  # (D, B, V)
         if dec.cfg.greedy:
             cands = torch.topk(logits, self.ranks, dim=-1).indices  # (D, B, C)
             self.q = None

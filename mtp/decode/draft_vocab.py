@@ -1,0 +1,84 @@
+"""A draft vocabulary: the heads draft among the tokens a corpus uses most (FR-Spec's idea).
+
+When drafting, each head's unembedding is a (V, D) matrix-vector product over the whole
+vocabulary: for SmolLM2-135M, 49152 x 576 float32 (113 MB) per head per step, a fifth of what a
+greedy step reads, so three drafting heads cost more than the step they speed up. Most of the
+vocabulary is never the verifier's pick on a given kind of text: restricting the *drafts* to the
+N most frequent tokens of the training corpus shrinks that product by V / N and changes nothing
+about the output. The verifier keeps the full vocabulary, so greedy output stays token for token
+greedy's, and sampling stays exact (a draft distribution that is zero outside the draft
+vocabulary is still a proposal distribution of the acceptance rule). What it can cost is
+acceptance, where the verifier picks a token outside the draft vocabulary.
+
+`frequent_tokens(tokens, n)` picks the ids; `GenerationConfig.draft_vocab` takes them;
+`DraftVocab` holds the restricted unembedding for a decoder and gives full-vocabulary logits,
+-inf outside the draft vocabulary, so that every acceptance rule and the token tree use them
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtp.errors import MTPError
+
+
+def frequent_tokens(tokens: np.ndarray | Sequence[int], n: int, vocab_size: int) -> list[int]:
+    """The n most frequent token ids of `tokens` (ties: the lower id first), sorted by id. Fewer
+    when fewer distinct tokens occur."""
+    if n < 1:
+        raise MTPError(f"a draft vocabulary needs at least 1 token, got {n}")
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    order = np.lexsort((np.arange(vocab_size), -counts))  # most frequent first, then by id
+    picked = order[: min(n, int((counts > 0).sum()))]
+    return sorted(int(i) for i in picked)
+
+
+def corpus_draft_vocab(corpus: Sequence[str], tokenizer, n: int, vocab_size: int, val_fraction: float = 0.005,
+                       progress: bool = False, max_tokens: int = 4_000_000) -> list[int]:
+    """frequent_tokens over (the first max_tokens of) a corpus's training split, tokenised and
+    cached as training does (mtp.data.build_token_data)."""
+    from mtp.data import build_token_data, default_cache_dir
+
+    data = build_token_data(corpus, tokenizer, default_cache_dir(), val_fraction, progress=progress)
+    return frequent_tokens(np.asarray(data.train[:max_tokens]), n, vocab_size)
+
+
+def check_draft_vocab(ids: Sequence[int], vocab_size: int) -> None:
+    if len(ids) == 0:
+        raise MTPError("the draft vocabulary is empty")
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        raise MTPError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {lo}..{hi}")
+    if len(set(ids)) != len(ids):
+        raise MTPError("the draft vocabulary lists a token twice")
+
+
+class DraftVocab:
+    """The unembedding restricted to the draft vocabulary, for a decoder: rebuilt when the
+    model's output weight changes (its tensor or its in-place version)."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids_list = tuple(int(i) for i in ids)
+        self.ids: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        self._of: tuple | None = None
+
+    def refresh(self, model) -> None:
+        w = model.output.weight
+        key = (id(w), w._version, w.device, w.dtype)
+        if key != self._of:
+            self.ids = torch.tensor(self.ids_list, dtype=torch.long, device=w.device)
+            self.weight = w.detach().index_select(0, self.ids).contiguous()  # (N, D)
+            self._of = key
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The heads' logits over the full vocabulary (..., V) from hidden (..., D): the draft
+        vocabulary's from one (N, D) product, -inf elsewhere."""
+        small = F.linear(model.norm(hidden), self.weight)  # (..., N)
+        full = small.new_full((*small.shape[:-1], model.config.vocab_size), float("-inf"))
+        return full.index_copy_(full.dim() - 1, self.ids, small)
