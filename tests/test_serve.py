@@ -404,3 +404,35 @@ def test_cli_serve_bad_input(ckpts, capsys, tmp_path):
     assert_one_line_error(*run_cli(["serve", tmp_path / "missing"], capsys)[::2])
     assert_one_line_error(*run_cli(["serve", ckpts[0], "--max-batch", "0"], capsys)[::2], "--max-batch")
     assert_one_line_error(*run_cli(["serve", ckpts[0], "--speculative", "9"], capsys)[::2], "--speculative 9")
+
+
+def test_engine_with_a_draft_vocab_decodes_greedy_s_tokens(ref_model):
+    """The engine's heads draft among draft_vocab only (mtp.decode.draft_vocab), in its fused
+    greedy round and its prefill's first drafts: the text stays greedy's; with none of greedy's
+    tokens in the draft vocabulary no draft is accepted, with all of them some are."""
+    import threading
+
+    from mtp.serve.engine import Engine, Request
+
+    model, tok = ref_model
+    ids = tok.encode_prompt("def parse(text):\n    ")
+    text, n, _ = reference(ref_model, ids, 24, 4)
+    out = generate(model, [ids], GenerationConfig(max_new_tokens=24, speculative=1))
+    used = sorted(set(out.tokens[0]))
+    for vocab, accepts in ((used, True), ([t for t in range(model.config.vocab_size) if t not in used], False)):
+        engine = Engine(model, tok, max_batch=2, draft_vocab=vocab).start()
+        try:
+            done, parts = threading.Event(), []
+
+            def emit(ev):
+                if ev.kind == "delta":
+                    parts.append(ev.text)
+                elif ev.kind in ("done", "error"):
+                    done.set()
+
+            engine.submit(Request(prompt=list(ids), max_tokens=24, emit=emit))
+            assert done.wait(60)
+            assert "".join(parts) == text
+            assert (sum(engine.accepted) > 0) is accepts
+        finally:
+            engine.close()

@@ -242,6 +242,36 @@ def test_interrupted_save_and_overwrite_keep_a_checkpoint(corpus, tmp_path, monk
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
+def test_sigterm_saves_the_last_finished_step(corpus, tmp_path, monkeypatch):
+    """`kill PID` during training stops it as Ctrl-C does: the last finished step is saved (a job
+    started in the background by a non-interactive shell ignores SIGINT), and the handler that
+    was there before comes back."""
+    import os
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("ours"))  # without the feature: no stop
+    real_sample, calls = train_mod.sample_batch, []
+
+    def term_in_step_6(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:  # steps 1-5 are finished
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_sample(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "sample_batch", term_in_step_6)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(tiny_train(corpus, out, steps=40), tiny_model(), progress=False)
+        assert seen == []
+        assert load_checkpoint(out)[2]["step"] == 5
+        signal.raise_signal(signal.SIGTERM)  # the test's own handler is back
+        assert seen == ["ours"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_skipped_heads_log_null_not_nan(corpus, tmp_path):
     out = tmp_path / "run"
     train_mod.train(tiny_train(corpus, out, steps=2, loss_weights="nth"), tiny_model(n_future=3), progress=False)

@@ -42,14 +42,23 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("MTP_API_KEY") or None
     if args.api_key == "":
         raise MTPError("--api-key is empty")
-    model, tok, _ = load_for_decoding(args)
+    if args.draft_vocab is not None and args.draft_vocab < 1:
+        raise MTPError(f"--draft-vocab must be at least 1, got {args.draft_vocab}")
+    model, tok, meta = load_for_decoding(args)
+    draft_vocab = None
+    if args.draft_vocab is not None:
+        from mtp.decode.draft_vocab import corpus_draft_vocab
+
+        train = meta.get("train") or {}
+        draft_vocab = corpus_draft_vocab(args.corpus or train.get("corpus") or ["stdlib"], tok, args.draft_vocab,
+                                         model.config.vocab_size, train.get("val_fraction", 0.005))
     from mtp.serve import make_app, run
 
     name = args.served_model_name or served_name(args.checkpoint)
     # the engine is built (and every option checked) before anything is bound or printed
     app, server = make_app(model, tok, model_name=name, api_key=api_key, speculative=args.speculative,
                            max_batch=args.max_batch, max_context=args.max_context,
-                           pack_weights=PACK_WEIGHTS[args.pack_weights])
+                           pack_weights=PACK_WEIGHTS[args.pack_weights], draft_vocab=draft_vocab)
     if not _loopback(args.host) and not api_key:
         print(f"mtp serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -74,6 +83,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's context); the KV cache "
                         "holds max-batch x this many positions")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="the heads draft only among the N most frequent tokens of the training split of --corpus "
+                        "(default: the checkpoint's training corpus): a cheaper draft, the same output")
+    p.add_argument("--corpus", nargs="*", default=None, help="--draft-vocab's corpus")
     p.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: the run's name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")

@@ -53,6 +53,7 @@ import torch.nn as nn
 from mtp.errors import MTPError
 from mtp.decode.cache import KVCache, ModelCache
 from mtp.decode.decoder import Decoder, StepResult
+from mtp.decode.draft_vocab import check_draft_vocab
 from mtp.decode.packed import packing
 from mtp.decode.sampling import accept, greedy_accept, process_logits, sample
 from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
@@ -162,7 +163,8 @@ class Engine:
     """Continuous batching over `max_batch` rows; `submit` from any thread, results via `emit`."""
 
     def __init__(self, model: MTPTransformer, tokenizer, *, speculative: int | None = None, max_batch: int = 16,
-                 max_context: int | None = None, kv_bucket: int = 128, pack_weights: bool | None = None):
+                 max_context: int | None = None, kv_bucket: int = 128, pack_weights: bool | None = None,
+                 draft_vocab: Sequence[int] | None = None):
         if max_batch < 1:
             raise MTPError(f"--max-batch must be at least 1, got {max_batch}")
         model.eval()
@@ -174,8 +176,10 @@ class Engine:
         self.context = min(ctx, max_context or ctx)
         self.max_batch = max_batch
         self.eot_id = getattr(tokenizer, "eot_id", None)
-        cfg = GenerationConfig(speculative=self.k, kv_bucket=kv_bucket)
+        cfg = GenerationConfig(speculative=self.k, kv_bucket=kv_bucket, draft_vocab=draft_vocab)
         cfg.validate()
+        if draft_vocab is not None:  # the heads draft among these tokens (mtp.decode.draft_vocab)
+            check_draft_vocab(draft_vocab, model.config.vocab_size)
         # the pool: one decoder of max_batch rows, room for the last step's drafts past the context
         self.dec = Decoder(model, self.k, max_batch, self.context + self.k, cfg).reset(cfg)
         if self.dec.sequential and self.k > 1:
@@ -397,7 +401,7 @@ class Engine:
     def _drafts(self, vd: Decoder, extra, idx: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Heads 2..k's drafts (B, k - 1) at index idx (B,) of the last forward pass: argmax for
         greedy rows; a sampled row draws from its own generator and keeps the proposals in qs."""
-        logits = self.model.logits(vd.draft_hidden(extra, idx))  # (k - 1, B, V)
+        logits = vd.head_logits(vd.draft_hidden(extra, idx))  # (k - 1, B, V), over the draft vocabulary if any
         tokens = logits.argmax(-1).T  # (B, k - 1)
         for i, r in enumerate(rows):
             if not r.cfg.greedy:
