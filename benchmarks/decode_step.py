@@ -135,11 +135,9 @@ def main() -> None:
     model.eval()
     draft_vocab = None
     if args.draft_vocab:
-        from mtp.decode.draft_vocab import corpus_draft_vocab
+        from mtp.decode.draft_vocab import checkpoint_draft_vocab
 
-        train = meta.get("train") or {}
-        draft_vocab = corpus_draft_vocab(args.corpus or train.get("corpus") or ["stdlib"], tok, args.draft_vocab,
-                                         model.config.vocab_size, train.get("val_fraction", 0.005))
+        draft_vocab = checkpoint_draft_vocab(meta, tok, args.draft_vocab, model.config.vocab_size, args.corpus)
     ks = [int(k) for k in args.k.split(",")] if args.k else list(range(2, usable_heads(model) + 1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
           f"position {args.position}; x greedy: over the greedy step with the same weights")

@@ -162,10 +162,6 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     if cfg.stop and tokenizer is None:
         raise MTPError("stop strings need a tokenizer to decode the output")
     k = resolve_k(model, cfg.speculative)
-    if cfg.draft_vocab is not None:
-        from mtp.decode.draft_vocab import check_draft_vocab
-
-        check_draft_vocab(cfg.draft_vocab, model.config.vocab_size)
     tree = None
     if cfg.tree is not None:
         from mtp.decode.tree import resolve_tree

@@ -12,14 +12,13 @@ and extra_weight / extra_weight_warmup schedule the extra heads' loss weight.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,7 +409,7 @@ def train_record(run: _Run, res: StepResult, done: int, tokens_per_s: float) -> 
     return record
 
 
-@contextlib.contextmanager
+@contextmanager
 def stop_on_sigterm():
     """While training, SIGTERM (`kill PID`, a scheduler's stop) stops the run as Ctrl-C does: the
     last finished step is saved and the run can be resumed. A job that a non-interactive shell

@@ -26,7 +26,7 @@ def test_frequent_tokens():
 def test_draft_logits_are_the_model_s_on_the_draft_vocab():
     model = trained("parallel")
     ids = [0, 3, 4, 9, 31]
-    dv = DraftVocab(ids)
+    dv = DraftVocab(ids, model.config.vocab_size)
     dv.refresh(model)
     h = torch.randn(2, 3, model.config.dim)
     got, ref = dv.logits(model, h), model.logits(h)

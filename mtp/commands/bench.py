@@ -62,14 +62,12 @@ def cmd_bench(args) -> int:
         texts = tree_texts(args, tok, meta, ctx) if args.tree == "auto" or not args.prompts else prompts
     draft_vocab = None
     if args.draft_vocab is not None:
-        from mtp.decode.draft_vocab import corpus_draft_vocab
+        from mtp.decode.draft_vocab import checkpoint_draft_vocab
 
         if args.draft_vocab < 1:
             raise MTPError(f"--draft-vocab must be at least 1, got {args.draft_vocab}")
-        train_cfg = meta.get("train") or {}
-        draft_vocab = corpus_draft_vocab(args.corpus or train_cfg.get("corpus") or ["stdlib"], tok, args.draft_vocab,
-                                         model.config.vocab_size, train_cfg.get("val_fraction", 0.005),
-                                         progress=not args.json)
+        draft_vocab = checkpoint_draft_vocab(meta, tok, args.draft_vocab, model.config.vocab_size, args.corpus,
+                                             progress=not args.json)
     report = run_bench(model, prompts, batch_sizes, ks, max_new, compile=args.compile, hf=args.hf,
                        pack_weights=PACK_WEIGHTS[args.pack_weights],
                        log=(lambda m: None) if args.json else None, repeats=args.repeats,

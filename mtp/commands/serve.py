@@ -47,11 +47,9 @@ def cmd_serve(args) -> int:
     model, tok, meta = load_for_decoding(args)
     draft_vocab = None
     if args.draft_vocab is not None:
-        from mtp.decode.draft_vocab import corpus_draft_vocab
+        from mtp.decode.draft_vocab import checkpoint_draft_vocab
 
-        train = meta.get("train") or {}
-        draft_vocab = corpus_draft_vocab(args.corpus or train.get("corpus") or ["stdlib"], tok, args.draft_vocab,
-                                         model.config.vocab_size, train.get("val_fraction", 0.005))
+        draft_vocab = checkpoint_draft_vocab(meta, tok, args.draft_vocab, model.config.vocab_size, args.corpus)
     from mtp.serve import make_app, run
 
     name = args.served_model_name or served_name(args.checkpoint)

@@ -130,7 +130,7 @@ class Decoder:
             self.draft_vocab = None
         else:
             if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(cfg.draft_vocab):
-                self.draft_vocab = DraftVocab(cfg.draft_vocab)
+                self.draft_vocab = DraftVocab(cfg.draft_vocab, self.model.config.vocab_size)
             self.draft_vocab.refresh(self.model)
         if self.stacked is not None:
             self.stacked.refresh()  # the weights may have changed since this decoder was built

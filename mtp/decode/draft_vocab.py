@@ -10,7 +10,7 @@ greedy's, and sampling stays exact (a draft distribution that is zero outside th
 vocabulary is still a proposal distribution of the acceptance rule). What it can cost is
 acceptance, where the verifier picks a token outside the draft vocabulary.
 
-`frequent_tokens(tokens, n)` picks the ids; `GenerationConfig.draft_vocab` takes them;
+`frequent_tokens(tokens, n)` picks the ids (`checkpoint_draft_vocab` from a checkpoint's corpus); `GenerationConfig.draft_vocab` takes them;
 `DraftVocab` holds the restricted unembedding for a decoder and gives full-vocabulary logits,
 -inf outside the draft vocabulary, so that every acceptance rule and the token tree use them
 unchanged.
@@ -48,6 +48,16 @@ def corpus_draft_vocab(corpus: Sequence[str], tokenizer, n: int, vocab_size: int
     return frequent_tokens(np.asarray(data.train[:max_tokens]), n, vocab_size)
 
 
+def checkpoint_draft_vocab(meta: dict, tokenizer, n: int, vocab_size: int, corpus: Sequence[str] | None = None,
+                           progress: bool = False) -> list[int]:
+    """corpus_draft_vocab for a loaded checkpoint (`meta` from load_checkpoint): over `corpus`, by
+    default the checkpoint's training corpus (the standard library where it names none), split as
+    its training split it."""
+    train = meta.get("train") or {}
+    return corpus_draft_vocab(corpus or train.get("corpus") or ["stdlib"], tokenizer, n, vocab_size,
+                              train.get("val_fraction", 0.005), progress=progress)
+
+
 def check_draft_vocab(ids: Sequence[int], vocab_size: int) -> None:
     if len(ids) == 0:
         raise MTPError("the draft vocabulary is empty")
@@ -60,9 +70,11 @@ def check_draft_vocab(ids: Sequence[int], vocab_size: int) -> None:
 
 class DraftVocab:
     """The unembedding restricted to the draft vocabulary, for a decoder: rebuilt when the
-    model's output weight changes (its tensor or its in-place version)."""
+    model's output weight changes (its tensor or its in-place version). Bad ids are refused here,
+    the one place every decoder (generate's, the serving engine's) builds it."""
 
-    def __init__(self, ids: Sequence[int]):
+    def __init__(self, ids: Sequence[int], vocab_size: int):
+        check_draft_vocab(ids, vocab_size)
         self.ids_list = tuple(int(i) for i in ids)
         self.ids: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None

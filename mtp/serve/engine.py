@@ -53,7 +53,6 @@ import torch.nn as nn
 from mtp.errors import MTPError
 from mtp.decode.cache import KVCache, ModelCache
 from mtp.decode.decoder import Decoder, StepResult
-from mtp.decode.draft_vocab import check_draft_vocab
 from mtp.decode.packed import packing
 from mtp.decode.sampling import accept, greedy_accept, process_logits, sample
 from mtp.decode.stops import cut_at_stop, hit_stop, strip_stop
@@ -178,8 +177,6 @@ class Engine:
         self.eot_id = getattr(tokenizer, "eot_id", None)
         cfg = GenerationConfig(speculative=self.k, kv_bucket=kv_bucket, draft_vocab=draft_vocab)
         cfg.validate()
-        if draft_vocab is not None:  # the heads draft among these tokens (mtp.decode.draft_vocab)
-            check_draft_vocab(draft_vocab, model.config.vocab_size)
         # the pool: one decoder of max_batch rows, room for the last step's drafts past the context
         self.dec = Decoder(model, self.k, max_batch, self.context + self.k, cfg).reset(cfg)
         if self.dec.sequential and self.k > 1:
