@@ -7,8 +7,10 @@ import functools
 
 import pytest
 import torch
+import torch.nn as nn
 
 from mtp.config import HEAD_TYPES, ModelConfig
+from mtp.decode import packed
 from mtp.decode.compile import kept_decoders
 from mtp.decode.sampling import greedy_accept, process_logits
 from mtp.errors import MTPError
@@ -379,6 +381,30 @@ def test_compiled_decoding_equals_eager(head_type):
         assert out.tokens == refs
 
 
+@pytest.mark.skipif(not packed.applies(nn.Linear(4, 4)), reason="this torch build or CPU cannot pack float32 weights")
+def test_compiled_prepacked_decoding_equals_eager(monkeypatch):
+    """Where the eager decoder would pack the weights (here asked for: --pack-weights on), the
+    CPU's compiled step has inductor prepack them into oneDNN's layout: the same tokens as
+    greedy, the same drafts as eager, and that plan was the one compiled."""
+    import mtp.decode.compile as C
+
+    plans = []
+    real = C.compile_plan
+    monkeypatch.setattr(C, "compile_plan", lambda device, prepack=False: plans.append(prepack) or real(device, prepack))
+    model = trained_copy("parallel")
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 12) for p in prompts]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=12, speculative=3))
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=12, speculative=3, compile=True, pack_weights=True))
+    assert plans == [True]
+    assert real(torch.device("cpu"), True)[0]["options"]["cpp.weight_prepack"] is True
+    assert out.tokens == refs
+    assert out.stats.forward_passes == eager.stats.forward_passes
+    # auto on a model this small (its weights stay in cache): the plan whose graphs are cached
+    generate(model, prompts, GenerationConfig(max_new_tokens=12, speculative=3, compile=True))
+    assert plans == [True, False]
+
+
 @pytest.mark.parametrize("head_type", ["causal", "parallel"])
 def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
     """The GPU's compile plan (weights as graph inputs, mode reduce-overhead, whose CUDA graphs a
@@ -386,7 +412,7 @@ def test_gpu_compile_plan_on_cpu_equals_eager(head_type, monkeypatch):
     graphs that update the decoder's state in place are checked before a GPU ever runs them."""
     import mtp.decode.compile as C
 
-    monkeypatch.setattr(C, "compile_plan", lambda device: (dict(mode="reduce-overhead"), lambda fn: fn, False))
+    monkeypatch.setattr(C, "compile_plan", lambda device, prepack=False: (dict(mode="reduce-overhead"), lambda fn: fn, False))
     model = trained_copy(head_type)  # it keeps this plan's decoders
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 16) for p in prompts]

@@ -3,7 +3,10 @@ compiled decoders kept per model so that later calls reuse their graphs.
 
 On a GPU the step functions become CUDA graphs (`mode="reduce-overhead"`), the weights graph
 inputs. On a CPU they are compiled with CPU_COMPILE, the weights frozen into the compiled code as
-constants. Either way one graph per (batch, k, length): attention always reads the whole cache.
+constants, and on a model big enough for decoding to be bound by reading its weights (the models
+the eager decoder packs, `mtp.decode.packed.will_pack`) with those weights prepacked by inductor
+into oneDNN's layout (`prepacks`). Either way one graph per (batch, k, length): attention always
+reads the whole cache.
 
 Compiled decoders are kept per model in a weak registry (`kept_decoders`), not on the model: a
 model's copies (`copy.deepcopy`, `state_dict`) carry none of them. A kept decoder is rebuilt
@@ -20,6 +23,7 @@ import torch
 
 from mtp.decode.cache import weights_key
 from mtp.decode.decoder import Decoder
+from mtp.decode.packed import will_pack
 
 if TYPE_CHECKING:
     from mtp.generate import GenerationConfig
@@ -29,23 +33,37 @@ if TYPE_CHECKING:
 # both: at the few rows of a decode step they are several times faster), the weights frozen into
 # the compiled code as constants (which those kernels need: they are packed once at compile time),
 # and a C++ wrapper calling the kernels instead of Python. Frozen weights do not follow the model:
-# a kept decoder is rebuilt when they change (weights_key). Not `cpp.weight_prepack`: its oneDNN
-# (mkldnn) weight tensors cannot be pickled, so inductor's FX graph cache skipped every decode
-# graph and each new process compiled from scratch (86 s for a step of the quickstart's model on
-# one core); without it the graphs are cached on disk and a new process compiles the same step in
-# 24 s (57 s the first time), at the same decoding speed (benchmarks/compile_cache.py).
+# a kept decoder is rebuilt when they change (weights_key). `cpp.weight_prepack` only on big
+# models (`prepacks`): its oneDNN (mkldnn) weight tensors cannot be pickled, so inductor's FX graph
+# cache skips such graphs and each new process compiles them from scratch (86 s for a step of the
+# quickstart's model on one core); without it the graphs are cached on disk and a new process
+# compiles the same step in 24 s (57 s the first time), at the same decoding speed on that small
+# model (benchmarks/compile_cache.py).
 CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True, "cpp_wrapper": True,
                "cpp.weight_prepack": False,
                # quiet: no tables of autotuning timings on stderr (mtp logs what it compiles, and for how long)
                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
-def compile_plan(device: torch.device) -> tuple[dict, Callable[[Callable], Callable], bool]:
+def prepacks(model: MTPTransformer, pack_weights: bool | None) -> bool:
+    """Whether the CPU's compiled step has inductor prepack the weights into oneDNN's layout
+    (`cpp.weight_prepack`): where the eager decoder would pack them (`--pack-weights on`, or auto
+    and at least packed.MIN_BYTES of linear weights). On SmolLM2-135M with 3 heads this made a
+    compiled greedy step 2.7x faster and a k = 4 step 3.6x (15.5 and 22.4 ms against 42.6 and
+    81.7 ms, docs/benchmarks.md). The price: oneDNN's weight tensors cannot be pickled, so such
+    graphs miss inductor's cache between processes and every new process compiles them again
+    (100-140 s a step on that model). Small models, whose weights stay in cache, keep the
+    cacheable plan."""
+    return will_pack(model, pack_weights)
+
+
+def compile_plan(device: torch.device, prepack: bool = False) -> tuple[dict, Callable[[Callable], Callable], bool]:
     """How a decoder's step functions are compiled on this device: torch.compile's keyword
     arguments, a wrapper around each compiled function, and whether the weights are compiled in.
-    GPU: CUDA graphs, the weights graph inputs. CPU: CPU_COMPILE, the weights frozen in."""
+    GPU: CUDA graphs, the weights graph inputs. CPU: CPU_COMPILE, the weights frozen in (and,
+    prepack, packed into oneDNN's layout)."""
     if device.type == "cpu":
-        return dict(options=dict(CPU_COMPILE)), frozen, True
+        return dict(options={**CPU_COMPILE, "cpp.weight_prepack": prepack}), frozen, True
     return dict(mode="reduce-overhead"), (lambda fn: fn), False
 
 
@@ -62,7 +80,7 @@ def frozen(compiled: Callable) -> Callable:
 
 def compile_steps(dec: Decoder) -> Decoder:
     """Compile dec's step functions (each compiles at its first call) by this device's plan."""
-    how, wrap, weights_in = compile_plan(dec.device)
+    how, wrap, weights_in = compile_plan(dec.device, dec.device.type == "cpu" and prepacks(dec.model, dec.cfg.pack_weights))
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
     dec.weights = weights_key(dec.model) if weights_in else None
@@ -103,7 +121,7 @@ def decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: Ge
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
     p = model.output.weight
-    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads,
+    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads, cfg.pack_weights,
            None if cfg.draft_vocab is None else tuple(cfg.draft_vocab))
     # kept per model and shape, so that later calls reuse the compiled graphs (and on CUDA the
     # captured graphs, which point at the decoder's own cache buffers)
