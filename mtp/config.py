@@ -95,6 +95,9 @@ class ModelConfig:
     offsets: list[int] | None = None  # token offset each head predicts; None = 1..n_future
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # the token ids the extra heads predict among (trained and drafting over these rows of the
+    # unembedding only: mtp.losses, mtp.decode.draft_vocab); None = the whole vocabulary
+    draft_vocab: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -103,6 +106,10 @@ class ModelConfig:
             raise MTPError(f"invalid model config: offsets must be a list of integers, got {self.offsets!r}")
         if self.offsets is not None:
             self.offsets = list(self.offsets)
+        if self.draft_vocab is not None and not isinstance(self.draft_vocab, (list, tuple)):
+            raise MTPError(f"invalid model config: draft_vocab must be a list of token ids, got {self.draft_vocab!r}")
+        if self.draft_vocab is not None:
+            self.draft_vocab = list(self.draft_vocab)
         self.validate()
 
     # -- derived sizes -------------------------------------------------------------------
@@ -193,6 +200,14 @@ class ModelConfig:
                 bad("sequential heads predict consecutive tokens; offsets must be 1..n_future")
             if self.offsets[-1] >= self.max_seq_len:
                 bad(f"offset {self.offsets[-1]} is not below max_seq_len={self.max_seq_len}")
+        if self.draft_vocab is not None:
+            ids = self.draft_vocab
+            if not ids or not all(is_int(i) for i in ids):
+                bad("draft_vocab must be a non-empty list of integer token ids")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                bad(f"draft_vocab ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+            if len(set(ids)) != len(ids):
+                bad("draft_vocab lists a token twice")
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -276,6 +291,9 @@ class TrainConfig:
     init_n_future: int | None = None
     init_layout: str = "plus-layers"  # or "matched" (see mtp.finetune.add_heads)
     init_head_type: str | None = None  # head type of added heads; None = the checkpoint's
+    # the extra heads train (and draft) over the N most frequent tokens of the training split
+    # (ModelConfig.draft_vocab, stored in the new model's config); None: the checkpoint's own
+    init_draft_vocab: int | None = None
     freeze: str = "none"  # "trunk": only the extra heads train (embeddings, trunk, next-token head,
     #                       norm and unembedding frozen; Medusa-1)
     extra_weight: float = 1.0  # lambda: the extra heads' loss weights are multiplied by it ...
@@ -303,6 +321,12 @@ class TrainConfig:
             bad(f"init_layout must be one of {', '.join(LAYOUTS)}, got {self.init_layout!r}")
         if self.init_head_type is not None and self.init_head_type not in HEAD_TYPES:
             bad(f"init_head_type must be one of {', '.join(HEAD_TYPES)}, got {self.init_head_type!r}")
+        if self.init_draft_vocab is not None and (isinstance(self.init_draft_vocab, bool)
+                                                  or not isinstance(self.init_draft_vocab, int)
+                                                  or self.init_draft_vocab < 1):
+            bad(f"init_draft_vocab must be an integer >= 1, got {self.init_draft_vocab!r}")
+        if self.init_from is None and self.init_draft_vocab is not None:
+            bad("init_draft_vocab needs init_from (the checkpoint whose heads it restricts)")
         if self.init_n_future is not None and int(self.init_n_future) < 1:
             bad(f"init_n_future must be >= 1, got {self.init_n_future}")
         if self.init_from is None and (self.init_n_future is not None or self.init_head_type is not None):

@@ -162,13 +162,30 @@ def init_model(tcfg: TrainConfig, device: torch.device | str = "cpu") -> tuple[M
     cfg = model.config
     n_future = tcfg.init_n_future if tcfg.init_n_future is not None else cfg.n_future
     head_type = tcfg.init_head_type or cfg.head_type
-    if n_future == cfg.n_future and head_type == cfg.head_type:
-        return model, tokenizer
-    new_cfg = headed_config(cfg, n_future, tcfg.init_layout, head_type)
-    if tcfg.freeze == "trunk" and new_cfg.n_layer_blocks < cfg.n_layer_blocks:
-        raise MTPError("the matched layout changes the next-token path (the trunk loses blocks): it needs full "
-                       "fine-tuning, not a frozen trunk")
-    return add_heads(model, n_future, tcfg.init_layout, head_type), tokenizer
+    if n_future != cfg.n_future or head_type != cfg.head_type:
+        new_cfg = headed_config(cfg, n_future, tcfg.init_layout, head_type)
+        if tcfg.freeze == "trunk" and new_cfg.n_layer_blocks < cfg.n_layer_blocks:
+            raise MTPError("the matched layout changes the next-token path (the trunk loses blocks): it needs full "
+                           "fine-tuning, not a frozen trunk")
+        model = add_heads(model, n_future, tcfg.init_layout, head_type)
+    if tcfg.init_draft_vocab is not None:
+        set_draft_vocab(model, tokenizer, tcfg.init_draft_vocab, tcfg.corpus, tcfg.val_fraction)
+    return model, tokenizer
 
 
-__all__ = ["add_heads", "apply_freeze", "check_freeze", "headed_config", "init_model", "trainable_names"]
+def set_draft_vocab(model: MTPTransformer, tokenizer, n: int, corpus, val_fraction: float) -> list[int]:
+    """Restrict the extra heads to the n most frequent tokens of the corpus's training split
+    (ModelConfig.draft_vocab: mtp.losses trains them over those rows of the unembedding, and
+    decoding drafts among them); returns the ids."""
+    from mtp.decode.draft_vocab import corpus_draft_vocab
+
+    if model.config.n_future < 2:
+        raise MTPError("a draft vocabulary restricts the extra heads, but the model has one head")
+    ids = corpus_draft_vocab(corpus, tokenizer, n, model.config.vocab_size, val_fraction)
+    model.config.draft_vocab = ids
+    model.config.validate()
+    return ids
+
+
+__all__ = ["add_heads", "apply_freeze", "check_freeze", "headed_config", "init_model", "set_draft_vocab",
+           "trainable_names"]

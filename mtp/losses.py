@@ -24,6 +24,15 @@ t + o - 1 of the same window (detached: the teacher gets no gradient). Head i's 
 (what decoding uses), so no T^2 factor. The next-token head keeps its corpus loss. The teacher's
 logits are recomputed chunk by chunk from its normalised hidden states inside the fused loss, so
 at most one head's logits chunk and the teacher's chunk exist at a time.
+
+A draft vocabulary (`ModelConfig.draft_vocab`: the N token ids the extra heads draft among when
+decoding, mtp.decode.draft_vocab) restricts the extra heads' training the same way: head i >= 1
+scores only those N rows of the unembedding, its corpus cross-entropy counts the targets inside
+the draft vocabulary (a target outside it adds nothing; the mean still divides by all of the
+head's targets, so no count has to be read back from the device), and its teacher is the
+next-token head's distribution over the same N rows (the teacher's distribution conditioned on the
+draft vocabulary). The heads' unembedding then costs N / V of the full one, forward and backward.
+The next-token head always keeps the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -120,17 +129,51 @@ class LossOutput:
     per_head_kl: list[float] | None = None
 
 
+def draft_rows(model: MTPTransformer, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's draft vocabulary as (ids (N,), remap (V,)): remap[token] is the token's row in
+    ids, IGNORE outside it. None when the heads use the whole vocabulary."""
+    ids = model.config.draft_vocab
+    if ids is None:
+        return None
+    return _draft_rows(tuple(ids), model.config.vocab_size, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _draft_rows(ids: tuple[int, ...], vocab_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.tensor(ids, dtype=torch.long, device=device)
+    remap = torch.full((vocab_size,), IGNORE, dtype=torch.long, device=device)
+    remap[idx] = torch.arange(len(ids), device=device)
+    return idx, remap
+
+
+def restrict_labels(labels: torch.Tensor, remap: torch.Tensor) -> torch.Tensor:
+    """Labels as rows of a draft vocabulary (draft_rows' remap): IGNORE outside it (and where
+    they were IGNORE already)."""
+    return torch.where(labels == IGNORE, labels, remap[labels.clamp(min=0)])
+
+
 def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float],
                distill: Distill | None = None) -> LossOutput:
     """Reference: all heads' logits at once, one autograd graph. Call .loss.backward().
     With `distill`, the extra heads' terms mix in the KL to the (detached) next-token head's
-    distribution at position t + offset - 1, from the full (B, T, V) logits."""
+    distribution at position t + offset - 1, from the full (B, T, V) logits. With a draft
+    vocabulary, the extra heads' logits (and their teacher's) are those rows of the full ones."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)  # (B, T, n)
     logits = model(x, return_all_heads=True)  # (B, T, n, V)
-    ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    rows = draft_rows(model, x.device)
     counts = (labels != IGNORE).sum(dim=(0, 1)).clamp(min=1)  # (n,)
-    per_head = ce.view(labels.shape).sum(dim=(0, 1)) / counts  # (n,) mean CE of each head
+    if rows is None:
+        ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        per_head = ce.view(labels.shape).sum(dim=(0, 1)) / counts  # (n,) mean CE of each head
+    else:  # head 0 over the whole vocabulary, the others over the draft vocabulary's rows
+        sums = []
+        for i in range(labels.shape[-1]):
+            li, lab = logits[:, :, i].float(), labels[:, :, i]
+            if i > 0:
+                li, lab = li[..., rows[0]], restrict_labels(lab, rows[1])
+            sums.append(F.cross_entropy(li.flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum"))
+        per_head = torch.stack(sums) / counts
     if distill is None:
         total = (per_head * torch.tensor(weights, device=per_head.device)).sum()
         return LossOutput(total, per_head.detach().tolist())
@@ -142,8 +185,11 @@ def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]
         if o > T:
             kls.append(torch.tensor(float("nan")))
             continue
-        q_log = F.log_softmax(teacher[:, o - 1 :] / distill.temperature, dim=-1)  # (B, T - o + 1, V)
-        p_log = F.log_softmax(logits[:, : T - o + 1, i].float(), dim=-1)
+        t_i, s_i = teacher[:, o - 1 :], logits[:, : T - o + 1, i].float()
+        if rows is not None:
+            t_i, s_i = t_i[..., rows[0]], s_i[..., rows[0]]
+        q_log = F.log_softmax(t_i / distill.temperature, dim=-1)  # (B, T - o + 1, V)
+        p_log = F.log_softmax(s_i, dim=-1)
         kl = (q_log.exp() * (q_log - p_log)).sum(-1).mean()
         kls.append(kl.detach())
         total = total + weights[i] * ((1 - distill.weight) * per_head[i] + distill.weight * kl)
@@ -224,13 +270,13 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _soft_ce_chunk(zc: torch.Tensor, zt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
-                   mix: torch.Tensor, inv_temp: torch.Tensor, scale: torch.Tensor):
+                   kl_valid: torch.Tensor, mix: torch.Tensor, inv_temp: torch.Tensor, scale: torch.Tensor):
     """One chunk of the distilled loss: student logits zc @ w.T, teacher logits zt @ w.T.
-    Returns (CE sum against the labels, KL(q || p) sum, gradient of
+    Returns (CE sum against the labels, KL(q || p) sum over the kl_valid rows, gradient of
     scale * sum((1 - mix) * CE + mix * KL) with respect to the student logits). Two (c, V)
     tensors live at a time: the student's logits (then gradient) and the teacher's q."""
-    valid = labels != IGNORE
-    vf = valid.float()
+    cf = (labels != IGNORE).float()  # rows with a corpus target
+    vf = kl_valid.float()  # rows with a teacher (all of them but past the window's end)
     safe = labels.clamp(min=0)
     t = (zt @ w.T).float().mul_(inv_temp)  # (c, V) teacher logits / T
     lse_t = torch.logsumexp(t, dim=-1)  # (c,)
@@ -240,12 +286,13 @@ def _soft_ce_chunk(zc: torch.Tensor, zt: torch.Tensor, w: torch.Tensor, labels: 
     logits = (zc @ w.T).float()  # (c, V)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, safe[:, None]).squeeze(1)
-    ce_sum = ((lse - picked) * vf).sum()
+    ce_sum = ((lse - picked) * cf).sum()
     kl_sum = ((neg_ent - _rowdot(q, logits) + lse) * vf).sum()  # sum q log q - sum q log p
     grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-    grad.sub_(q.mul_(mix))  # - mix * q
-    grad.scatter_add_(1, safe[:, None], -(1 - mix) * vf[:, None])  # - (1 - mix) * onehot
-    grad.mul_(vf[:, None] * scale)
+    grad.mul_(((1 - mix) * cf + mix * vf)[:, None])  # each term's share of the softmax
+    grad.sub_(q.mul_((mix * vf)[:, None]))  # - mix * q
+    grad.scatter_add_(1, safe[:, None], -(1 - mix) * cf[:, None])  # - (1 - mix) * onehot
+    grad.mul_(scale)
     return ce_sum, kl_sum, grad.to(zc.dtype)
 
 
@@ -258,12 +305,15 @@ def fused_linear_distill_loss(
     z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float,
     distill: Distill, chunk: int | None = None, compute_dtype: torch.dtype | None = None, compile: bool = False,
     dweight: torch.Tensor | None = None, input_grad: bool = True, weight_grad: bool = True,
+    kl_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """fused_linear_cross_entropy with soft targets: teacher (N, D) holds the normalised hidden
     states whose logits (teacher @ weight.T, divided by the temperature) give row r's target
     distribution, aligned with z's rows. Returns (CE sum, KL sum, dz, dweight) of
     scale * sum((1 - w) * CE + w * KL), chunk by chunk: at most one (chunk, V) block of student
-    logits and one of teacher probabilities exist at a time. The teacher gets no gradient."""
+    logits and one of teacher probabilities exist at a time. The teacher gets no gradient.
+    kl_valid (N,) bool: the rows with a teacher (default: those whose label is not IGNORE; a
+    draft vocabulary ignores labels outside it but keeps their teacher)."""
     cdt = compute_dtype or z.dtype
     chunk = chunk or min(default_chunk(weight.shape[0]), max(1, -(-z.shape[0] // 2)))
     w = weight.detach().to(cdt)
@@ -277,10 +327,12 @@ def fused_linear_distill_loss(
     f32 = dict(dtype=torch.float32, device=z.device)
     mix, inv_temp, scale_t = (torch.tensor(v, **f32) for v in (distill.weight, 1 / distill.temperature, scale))
     step = _compiled_soft_ce_chunk() if compile else _soft_ce_chunk
+    kl_valid = labels != IGNORE if kl_valid is None else kl_valid
     with torch.autocast(z.device.type, enabled=False):
         for s in range(0, z.shape[0], chunk):
             zc = z[s : s + chunk].to(cdt)
-            ce, kl, g = step(zc, teacher[s : s + chunk].to(cdt), w, labels[s : s + chunk], mix, inv_temp, scale_t)
+            ce, kl, g = step(zc, teacher[s : s + chunk].to(cdt), w, labels[s : s + chunk], kl_valid[s : s + chunk],
+                             mix, inv_temp, scale_t)
             ce_sum += ce
             kl_sum += kl
             if dz is not None:
@@ -348,6 +400,8 @@ def mtp_loss_backward(
         p.requires_grad for block in model.trunk_blocks for p in block.parameters())
     w_compute = out_weight.detach().to(compute_dtype or out_weight.dtype)  # cast once for all heads
     dw_total = torch.zeros(out_weight.shape, dtype=torch.float32, device=out_weight.device) if out_trains else None
+    rows = draft_rows(model, out_weight.device)  # the extra heads' draft vocabulary, or None
+    w_draft = None if rows is None else w_compute.index_select(0, rows[0])  # (N, D), once for all heads
     # every window token is a real token, so head i has B * (T - offset_i + 1) targets (no sync)
     B, T = x.shape
     n_valid_by_head = [B * max(T - o + 1, 0) for o in model.config.head_offsets]
@@ -366,16 +420,25 @@ def mtp_loss_backward(
         n_valid = n_valid_by_head[i]
         out_d = out.detach().requires_grad_(out.requires_grad)
         z = model.norm(out_d)  # (B, T, D)
+        restricted = rows is not None and i > 0
+        w_i = w_draft if restricted else w_compute
+        extra = {}
+        if restricted:  # the draft vocabulary's rows: labels renumbered, the weight's gradient scattered back
+            extra = dict(kl_valid=lab != IGNORE) if distill is not None else {}
+            lab = restrict_labels(lab, rows[1])
         common = dict(scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
-                      compile=compile_ce, dweight=dw_total, input_grad=z.requires_grad, weight_grad=out_trains)
+                      compile=compile_ce, dweight=None if restricted else dw_total, input_grad=z.requires_grad,
+                      weight_grad=out_trains)
         if distill is not None and i > 0:
             zt = shift_teacher(z_teacher, model.config.head_offsets[i])
-            ce_sum, kl_sum, dz, _ = fused_linear_distill_loss(
-                z.detach().reshape(-1, z.shape[-1]), zt.reshape(-1, zt.shape[-1]), w_compute, lab,
-                distill=distill, **common)
+            ce_sum, kl_sum, dz, dw = fused_linear_distill_loss(
+                z.detach().reshape(-1, z.shape[-1]), zt.reshape(-1, zt.shape[-1]), w_i, lab,
+                distill=distill, **common, **extra)
             kl_means[i] = kl_sum / max(n_valid, 1)
         else:
-            ce_sum, dz, _ = fused_linear_cross_entropy(z.detach().reshape(-1, z.shape[-1]), w_compute, lab, **common)
+            ce_sum, dz, dw = fused_linear_cross_entropy(z.detach().reshape(-1, z.shape[-1]), w_i, lab, **common)
+        if restricted and dw is not None:
+            dw_total.index_add_(0, rows[0], dw)
         ce_means[i] = ce_sum / max(n_valid, 1)  # stays on the device: no host sync per head
         if z.requires_grad:  # the shared norm's weight and/or the head's output
             torch.autograd.backward(z, dz.view_as(z))
@@ -449,22 +512,29 @@ def _grad_cosine(by_head: dict[int, torch.Tensor | None], n: int, h: torch.Tenso
 @torch.no_grad()
 def head_metrics(model: MTPTransformer, window: torch.Tensor, chunk: int | None = None) -> dict[str, torch.Tensor]:
     """Per-head sums over one batch: cross-entropy, correct top-1 predictions, counted targets.
-    Returns tensors of shape (n,) under keys ce_sum, correct, count."""
+    Returns tensors of shape (n,) under keys ce_sum, correct, count. With a draft vocabulary the
+    extra heads predict among its tokens (a target outside it is never correct and adds nothing
+    to ce_sum, as in training), and count still counts every target."""
     x = window[:, :-1]
     labels = multi_token_targets(window, model.config.head_offsets)
     outs = model.heads_hidden(model.trunk(x), x)
     n = len(outs)
     chunk = chunk or default_chunk(model.config.vocab_size)
+    rows = draft_rows(model, x.device)
     ce_sum, correct, count = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
     for i, out in enumerate(outs):
         z = model.norm(out).reshape(-1, out.shape[-1])
         lab = labels[:, :, i].reshape(-1)
+        weight = model.output.weight
+        if rows is not None and i > 0:
+            weight, lab_r = weight[rows[0]], restrict_labels(lab, rows[1])
+        else:
+            lab_r = lab
         for s in range(0, z.shape[0], chunk):
-            logits = model.output(z[s : s + chunk]).float()
-            lc = lab[s : s + chunk]
-            valid = lc != IGNORE
-            ce = F.cross_entropy(logits, lc, ignore_index=IGNORE, reduction="sum")
+            logits = F.linear(z[s : s + chunk], weight).float()
+            lc, lr = lab[s : s + chunk], lab_r[s : s + chunk]
+            ce = F.cross_entropy(logits, lr, ignore_index=IGNORE, reduction="sum") if (lr != IGNORE).any() else 0.0
             ce_sum[i] += float(ce)
-            correct[i] += float(((logits.argmax(-1) == lc) & valid).sum())
-            count[i] += float(valid.sum())
+            correct[i] += float(((logits.argmax(-1) == lr) & (lr != IGNORE)).sum())
+            count[i] += float((lc != IGNORE).sum())
     return {"ce_sum": ce_sum, "correct": correct, "count": count}

@@ -454,7 +454,7 @@ def test_decoding_keeps_nothing_on_the_model(monkeypatch):
     from mtp.decode import packed, stacked
 
     # dynamo traces the step functions, nothing is compiled: the registry is what is tested
-    monkeypatch.setattr(C, "compile_plan", lambda device: (dict(backend="eager"), lambda fn: fn, False))
+    monkeypatch.setattr(C, "compile_plan", lambda device, prepack=False: (dict(backend="eager"), lambda fn: fn, False))
     model = trained_copy("parallel")
     before = set(model.__dict__)
     prompts = prompts_for(RAGGED)

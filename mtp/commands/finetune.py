@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
     h.add_argument("--distill", action="store_true",
                    help="--mode heads: train head i towards the frozen next-token head's distribution at "
                         "t+i-1 (self-distillation; mixed with the corpus loss by --distill-weight)")
+    h.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="train (and draft with) the extra heads over the N most frequent tokens of the "
+                        "training split only: their unembedding costs N / V of the full one (stored in the "
+                        "checkpoint's config; decoding uses it by default)")
     t = p.add_argument_group("training")
     add_flags(t, FINETUNE_FLAGS)
     add_run_flags(t, fsdp_help="under torchrun: FSDP2 instead of data parallel (--mode full)")
@@ -114,7 +118,7 @@ def _fresh_config(args):
         **{**base, **given}, corpus=args.corpus or saved.get("corpus") or ["stdlib"], out=args.out,
         device=args.device, dtype=args.dtype, **{k: getattr(args, k) for k in _SWITCHES},
         init_from=str(meta["path"]), init_n_future=cfg.n_future, init_layout=args.layout,
-        init_head_type=cfg.head_type, freeze=freeze,
+        init_head_type=cfg.head_type, freeze=freeze, init_draft_vocab=args.draft_vocab,
     ), mode
 
 
@@ -134,6 +138,8 @@ def _resume_config(args):
     saved_mode = "heads" if saved.get("freeze") == "trunk" else "full"
     if args.n_future is not None and args.n_future != cfg.n_future:
         raise MTPError(f"--resume: the run in {args.out} has {cfg.n_future} heads, not {args.n_future}")
+    if args.draft_vocab is not None:
+        raise MTPError("--resume: the draft vocabulary is part of the run's model (its config); drop --draft-vocab")
     if args.mode not in ("auto", saved_mode):
         raise MTPError(f"--resume: the run in {args.out} trains in mode {saved_mode}, not {args.mode}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -164,7 +170,8 @@ def cmd_finetune(args) -> int:
                "train_loss": res.train_loss, "tokens_per_s": res.tokens_per_s,
                "distill": ({"weight": tcfg.distill_weight, "temperature": tcfg.distill_temperature}
                            if tcfg.distill else None),
-               "trunk_cache_windows": tcfg.trunk_cache_windows}
+               "trunk_cache_windows": tcfg.trunk_cache_windows,
+               "draft_vocab": None if cfg.draft_vocab is None else len(cfg.draft_vocab)}
     what = (f"fine-tuned {tcfg.init_from} for {res.steps} steps ({cfg.n_future} heads, {tcfg.init_layout}, "
             f"mode {mode}, {trainable:,} parameters trained) -> {res.out / 'checkpoint'}")
     emit(summary, args.json, "\n".join(training_lines(what, res)))

@@ -23,6 +23,7 @@ import torch
 
 from mtp.decode.cache import weights_key
 from mtp.decode.decoder import Decoder
+from mtp.decode.draft_vocab import draft_vocab_of
 from mtp.decode.packed import will_pack
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: Ge
     max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
     p = model.output.weight
     key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads, cfg.pack_weights,
-           None if cfg.draft_vocab is None else tuple(cfg.draft_vocab))
+           None if draft_vocab_of(cfg, model) is None else tuple(draft_vocab_of(cfg, model)))
     # kept per model and shape, so that later calls reuse the compiled graphs (and on CUDA the
     # captured graphs, which point at the decoder's own cache buffers)
     per_model = _kept.setdefault(model, {})

@@ -32,7 +32,7 @@ import torch
 
 from mtp.config import TRUNK
 from mtp.decode.cache import ModelCache
-from mtp.decode.draft_vocab import DraftVocab
+from mtp.decode.draft_vocab import DraftVocab, draft_vocab_of
 from mtp.decode.sampling import greedy_accept, process_logits, sample
 from mtp.decode.stacked import stacked_heads
 
@@ -126,11 +126,12 @@ class Decoder:
     def reset(self, cfg: GenerationConfig) -> "Decoder":
         """Start a generate() call: its settings and its random generator."""
         self.cfg, self.generator = cfg, None
-        if cfg.draft_vocab is None:
+        ids = draft_vocab_of(cfg, self.model)
+        if ids is None:
             self.draft_vocab = None
         else:
-            if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(cfg.draft_vocab):
-                self.draft_vocab = DraftVocab(cfg.draft_vocab, self.model.config.vocab_size)
+            if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(ids):
+                self.draft_vocab = DraftVocab(ids, self.model.config.vocab_size)
             self.draft_vocab.refresh(self.model)
         if self.stacked is not None:
             self.stacked.refresh()  # the weights may have changed since this decoder was built

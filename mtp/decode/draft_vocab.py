@@ -10,7 +10,8 @@ greedy's, and sampling stays exact (a draft distribution that is zero outside th
 vocabulary is still a proposal distribution of the acceptance rule). What it can cost is
 acceptance, where the verifier picks a token outside the draft vocabulary.
 
-`frequent_tokens(tokens, n)` picks the ids (`checkpoint_draft_vocab` from a checkpoint's corpus); `GenerationConfig.draft_vocab` takes them;
+`frequent_tokens(tokens, n)` picks the ids (`checkpoint_draft_vocab` from a checkpoint's corpus); `GenerationConfig.draft_vocab` takes them
+(by default the model's own, `ModelConfig.draft_vocab`, where its heads were trained over one);
 `DraftVocab` holds the restricted unembedding for a decoder and gives full-vocabulary logits,
 -inf outside the draft vocabulary, so that every acceptance rule and the token tree use them
 unchanged.
@@ -56,6 +57,12 @@ def checkpoint_draft_vocab(meta: dict, tokenizer, n: int, vocab_size: int, corpu
     train = meta.get("train") or {}
     return corpus_draft_vocab(corpus or train.get("corpus") or ["stdlib"], tokenizer, n, vocab_size,
                               train.get("val_fraction", 0.005), progress=progress)
+
+
+def draft_vocab_of(cfg, model) -> Sequence[int] | None:
+    """The draft vocabulary a generate() call uses: the call's own (GenerationConfig.draft_vocab),
+    else the one the model's heads were trained over (ModelConfig.draft_vocab), else None."""
+    return cfg.draft_vocab if cfg.draft_vocab is not None else model.config.draft_vocab
 
 
 def check_draft_vocab(ids: Sequence[int], vocab_size: int) -> None:
