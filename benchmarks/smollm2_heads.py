@@ -129,7 +129,7 @@ def main() -> None:
                  "--head-type", args.head_type,
                  "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                  "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,
-                 "--save-every", 10, "--log-every", 5, "--device", args.device, "--dtype", args.dtype, *extra,
+                 "--save-every", 100, "--log-every", 5, "--device", args.device, "--dtype", args.dtype, *extra,
                  *(["--resume"] if (heads / "checkpoint").exists() else []))
     finetune_s = time.perf_counter() - t0
 

@@ -171,6 +171,8 @@ def test_finetune_cli_draft_vocab(corpus, tmp_path, capsys):
     assert summary["draft_vocab"] == 12
     cfg = read_meta(out)["model"]
     assert cfg.draft_vocab == corpus_draft_vocab([str(corpus)], ByteTokenizer(), 12, cfg.vocab_size)
+    assert main(["info", str(out)]) == 0
+    assert "extra heads over 12 tokens" in capsys.readouterr().out
     # the run's model keeps it: resuming must not be told another one
     assert main(["finetune", str(n1), "--out", str(out), "--resume", "--steps", "3", "--draft-vocab", "8",
                  "--no-progress"]) == 2

@@ -19,7 +19,8 @@ def cmd_info(args) -> int:
              f"model       dim {cfg.dim}, {cfg.n_layers} blocks, {cfg.n_heads} attention heads "
              f"({cfg.n_kv_heads} kv), context {cfg.max_seq_len}, vocab {cfg.vocab_size}",
              f"heads       {cfg.n_future} x {cfg.head_type}, offsets {cfg.head_offsets}, "
-             f"trunk {cfg.n_trunk} blocks",
+             f"trunk {cfg.n_trunk} blocks"
+             + (f", extra heads over {len(cfg.draft_vocab)} tokens (draft vocabulary)" if cfg.draft_vocab else ""),
              f"tokenizer   {tok.name} ({tok.vocab_size} ids), prompts: {tok.prompt_convention()}",
              "parameters  " + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
     emit(info, args.json, "\n".join(lines))
