@@ -18,6 +18,11 @@ positions, timed in a loop; the settings take turns and each figure is the best 
 of the checkpoint's training corpus (mtp.decode.draft_vocab): the drafts' unembedding shrinks by
 V / N (rows "stacked, dv N").
 
+--compile: the same steps compiled as `--compile` decodes (mtp.decode.compile: on a CPU inductor's
+C++ kernels on frozen weights, prepacked for oneDNN on a big model; attention over the whole cache
+of 256 * ceil(positions / 256) slots, as compiled decoding reads it), heads stacked; one graph per
+setting, compiled before the timing (the compile time of each is printed).
+
 --profile: where a step's time goes (torch.profiler, packed weights where they apply), by kind of
 operator, for the greedy step and the k-head step: the matrix products, attention, the rest of
 the operators, and the time no operator accounts for (Python and dispatch between them), with
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 
 import torch
@@ -38,10 +44,18 @@ from mtp.decode.packed import applies, measured_rows, packed_linears
 from mtp.generate import GenerationConfig, usable_heads
 
 
-def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, draft_vocab=None):
+def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, draft_vocab=None,
+                compile: bool = False):
     """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
-    cfg = GenerationConfig(speculative=k, stack_heads=stacked, draft_vocab=draft_vocab)
-    dec = Decoder(model, k, batch, position + 2 * k, cfg).reset(cfg)
+    cfg = GenerationConfig(speculative=k, stack_heads=stacked, draft_vocab=draft_vocab, compile=compile)
+    max_len = position + 2 * k
+    if compile:
+        max_len = 256 * math.ceil(max_len / 256)  # as decoder_for rounds it
+    dec = Decoder(model, k, batch, max_len, cfg).reset(cfg)
+    if compile:
+        from mtp.decode.compile import compile_steps
+
+        compile_steps(dec)
     fed = torch.randint(0, model.config.vocab_size, (batch, k))
     positions = position + torch.arange(k).expand(batch, -1)
     return dec, fed, positions, dec.kv_len(position + k)
@@ -50,17 +64,23 @@ def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, 
 def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int = 100, rounds: int = 7,
                weights: str = "as stored", draft_vocab=None) -> dict:
     """{(k, heads): seconds per step}; k = 1 is the plain greedy step, heads "stacked", "own
-    blocks" or (with draft_vocab, the token ids) "stacked, dv N". weights: as stored, packed or
-    measured."""
-    settings = [(1, "-")] + [(k, h) for k in ks for h in ("stacked", "own blocks")]
+    blocks" or (with draft_vocab, the token ids) "stacked, dv N". weights: as stored, packed,
+    measured, or compiled (the steps compiled as --compile decodes, heads stacked)."""
+    compile = weights == "compiled"
+    settings = [(1, "-")] + [(k, h) for k in ks for h in (("stacked",) if compile else ("stacked", "own blocks"))]
     if draft_vocab is not None:
         settings += [(k, f"stacked, dv {len(draft_vocab)}") for k in ks]
     runs = {(k, h): step_inputs(model, k, batch, position, h != "own blocks",
-                                draft_vocab if "dv" in h else None) for k, h in settings}
+                                draft_vocab if "dv" in h else None, compile) for k, h in settings}
     best = {}
-    packing = (contextlib.nullcontext() if weights == "as stored"
+    packing = (contextlib.nullcontext() if weights in ("as stored", "compiled")
                else packed_linears(model, measured=weights == "measured"))
     with torch.no_grad(), packing:
+        if compile:  # each graph compiles at its first call, before any timing
+            for (k, h), (dec, fed, positions, kv_len) in runs.items():
+                t0 = time.perf_counter()
+                dec.greedy_step_fn(fed, positions, kv_len)
+                print(f"compiled k = {k} ({h}) in {time.perf_counter() - t0:.0f} s", flush=True)
         for _ in range(rounds):
             for key, (dec, fed, positions, kv_len) in runs.items():
                 for _ in range(2):
@@ -124,6 +144,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="steps per timing")
     ap.add_argument("--rounds", type=int, default=7, help="timings per setting; the fastest is reported")
     ap.add_argument("--profile", action="store_true", help="also split a step's time by operator kind")
+    ap.add_argument("--compile", action="store_true", help="also the steps compiled as --compile decodes")
     ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="also the k-head steps drafting among the N most frequent corpus tokens (0: off)")
     ap.add_argument("--corpus", nargs="*", default=None,
@@ -139,9 +160,11 @@ def main() -> None:
 
         draft_vocab = checkpoint_draft_vocab(meta, tok, args.draft_vocab, model.config.vocab_size, args.corpus)
     ks = [int(k) for k in args.k.split(",")] if args.k else list(range(2, usable_heads(model) + 1))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, eager, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {next(model.parameters()).dtype}, "
           f"position {args.position}; x greedy: over the greedy step with the same weights")
     modes = ("as stored", "packed", "measured") if applies(model) else ("as stored",)
+    if args.compile:
+        modes += ("compiled",)
     for i, b in enumerate(int(x) for x in args.batch_sizes.split(",")):
         costs = {w: step_costs(model, b, ks, args.position, args.steps, args.rounds, w, draft_vocab) for w in modes}
         best = min(c[(1, "-")] for c in costs.values())
