@@ -144,7 +144,7 @@ import numpy as np  # noqa: E402
 
 from mtp.cli import main  # noqa: E402
 from mtp.distill import TrunkCache, pool_indices, pool_windows, window_pool  # noqa: E402
-from tests.test_finetune import ft_config, rows, source  # noqa: E402,F401  (source: a fixture)
+from tests.test_finetune import cli_n1, ft_config, rows, source  # noqa: E402,F401  (source: a fixture)
 
 
 def test_pool_indices_cover_every_window_once_per_epoch():
@@ -214,11 +214,7 @@ def test_training_from_the_cache_repeats_the_computed_run(corpus, tmp_path, sour
 
 def test_finetune_cli_distill_flags(corpus, tmp_path, capsys):
     n1 = tmp_path / "n1"
-    common = ["--steps", "2", "--batch-size", "2", "--seq-len", "24", "--eval-batches", "1", "--device", "cpu",
-              "--no-progress"]
-    assert main(["train", str(corpus), "--out", str(n1), "--preset", "tiny", "--n-future", "1", "--dim", "32",
-                 "--n-layers", "3", "--max-seq-len", "64", "--eval-every", "0", *common]) == 0
-    capsys.readouterr()
+    common = cli_n1(corpus, n1, capsys, steps=2)
     out = tmp_path / "kd"
     assert main(["finetune", str(n1), "--out", str(out), "--n-future", "3", "--mode", "heads", "--distill",
                  "--distill-weight", "0.8", "--distill-temperature", "2", "--trunk-cache-windows", "3",

@@ -17,6 +17,7 @@ from mtp.errors import MTPError
 from mtp.finetune import apply_freeze
 from mtp.generate import GenerationConfig, generate
 from mtp.losses import IGNORE, Distill, head_metrics, mtp_loss_backward, multi_token_targets, naive_loss
+from tests.test_finetune import cli_n1
 from tests.test_losses import V, assert_grads_close, grads, make, windows
 
 IDS = sorted({3, 7, 8, 12, 19, 20, 33, 40, 41, 47, 52, 60, 0, 25, 26, 27, 28, 29})
@@ -159,11 +160,7 @@ def test_finetune_cli_draft_vocab(corpus, tmp_path, capsys):
     from mtp.tokenizers import ByteTokenizer
 
     n1 = tmp_path / "n1"
-    common = ["--steps", "2", "--batch-size", "2", "--seq-len", "24", "--eval-batches", "1", "--device", "cpu",
-              "--no-progress"]
-    assert main(["train", str(corpus), "--out", str(n1), "--preset", "tiny", "--n-future", "1", "--dim", "32",
-                 "--n-layers", "3", "--max-seq-len", "64", "--eval-every", "0", *common]) == 0
-    capsys.readouterr()
+    common = cli_n1(corpus, n1, capsys, steps=2)
     out = tmp_path / "dv"
     assert main(["finetune", str(n1), "--out", str(out), "--n-future", "3", "--mode", "heads", "--distill",
                  "--draft-vocab", "12", "--json", *common]) == 0

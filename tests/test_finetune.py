@@ -177,13 +177,20 @@ def test_freeze_and_init_errors(corpus, tmp_path, source):
 
 
 # ---- the command -----------------------------------------------------------------------------
-def test_finetune_cli_end_to_end(corpus, tmp_path, capsys):
-    n1 = tmp_path / "n1"
-    common = ["--steps", "3", "--batch-size", "2", "--seq-len", "24", "--eval-batches", "1", "--device", "cpu",
-              "--no-progress"]
+def cli_n1(corpus, n1, capsys, steps: int = 3) -> list[str]:
+    """Train a tiny n = 1 model into n1 with `mtp train`; returns the training flags it used
+    (for the fine-tuning runs that start from it)."""
+    common = ["--steps", str(steps), "--batch-size", "2", "--seq-len", "24", "--eval-batches", "1", "--device",
+              "cpu", "--no-progress"]
     assert main(["train", str(corpus), "--out", str(n1), "--preset", "tiny", "--n-future", "1", "--dim", "32",
                  "--n-layers", "3", "--max-seq-len", "64", "--eval-every", "0", *common]) == 0
     capsys.readouterr()
+    return common
+
+
+def test_finetune_cli_end_to_end(corpus, tmp_path, capsys):
+    n1 = tmp_path / "n1"
+    common = cli_n1(corpus, n1, capsys)
     h4 = tmp_path / "h4"
     assert main(["finetune", str(n1), "--out", str(h4), "--n-future", "4", "--json", *common]) == 0
     summary = json.loads(capsys.readouterr().out)
