@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import time
 
 import torch
 
 from mtp.checkpoint import load_checkpoint
+from mtp.decode.compile import compile_steps, compiled_max_len
 from mtp.decode.decoder import Decoder
 from mtp.decode.packed import applies, measured_rows, packed_linears
 from mtp.generate import GenerationConfig, usable_heads
@@ -48,13 +48,9 @@ def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, 
                 compile: bool = False):
     """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
     cfg = GenerationConfig(speculative=k, stack_heads=stacked, draft_vocab=draft_vocab, compile=compile)
-    max_len = position + 2 * k
-    if compile:
-        max_len = 256 * math.ceil(max_len / 256)  # as decoder_for rounds it
+    max_len = compiled_max_len(position + 2 * k) if compile else position + 2 * k
     dec = Decoder(model, k, batch, max_len, cfg).reset(cfg)
     if compile:
-        from mtp.decode.compile import compile_steps
-
         compile_steps(dec)
     fed = torch.randint(0, model.config.vocab_size, (batch, k))
     positions = position + torch.arange(k).expand(batch, -1)

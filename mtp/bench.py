@@ -20,6 +20,7 @@ import torch
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate, usable_heads
 from mtp.decode.compile import prepacks
+from mtp.decode.draft_vocab import draft_vocab_of
 from mtp.decode.packed import will_pack
 
 
@@ -181,7 +182,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     if tree is not None and compile:
         raise MTPError("tree decoding runs eagerly: drop --compile to use --tree")
     chosen = {}  # batch size -> mtp.decode.tree.TreeChoice
-    spec_vocab = draft_vocab if draft_vocab is not None else model.config.draft_vocab  # what the drafts use
+    spec_vocab = draft_vocab_of(draft_vocab, model)  # what the drafts use
 
     def run(batches, k) -> _Pass:
         if k == "tree":  # the tree chosen for this batch size
@@ -253,8 +254,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             "device": str(model.output.weight.device), "dtype": str(model.output.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": compile, "repeats": repeats,
             # compiled on a CPU, inductor packs the weights (cpp.weight_prepack) where eager decoding would
-            "packed_weights": (prepacks(model, pack_weights) if compile and model.output.weight.device.type == "cpu"
-                               else will_pack(model, pack_weights, compile)),
+            "packed_weights": prepacks(model, pack_weights) if compile else will_pack(model, pack_weights),
             "draft_vocab": None if spec_vocab is None else len(spec_vocab),
             **({"trees": {str(b): c.to_dict() for b, c in chosen.items()}} if chosen else {}),
             "results": results}

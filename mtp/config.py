@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,18 @@ FREEZE_MODES = ("none", "trunk")
 
 
 TRUNK = -1  # parent index meaning "the trunk's output"
+
+
+def draft_vocab_problem(ids, vocab_size: int) -> str | None:
+    """What is wrong with `ids` as a draft vocabulary of a vocab_size-token model (the ids the
+    extra heads predict among), or None: checked by ModelConfig and by every decoder."""
+    if len(ids) == 0 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        return "must be a non-empty list of integer token ids"
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return f"ids must lie in [0, {vocab_size}), got {min(ids)}..{max(ids)}"
+    if len(set(ids)) != len(ids):
+        return "lists a token twice"
+    return None
 
 
 @dataclass(frozen=True)
@@ -200,14 +213,8 @@ class ModelConfig:
                 bad("sequential heads predict consecutive tokens; offsets must be 1..n_future")
             if self.offsets[-1] >= self.max_seq_len:
                 bad(f"offset {self.offsets[-1]} is not below max_seq_len={self.max_seq_len}")
-        if self.draft_vocab is not None:
-            ids = self.draft_vocab
-            if not ids or not all(is_int(i) for i in ids):
-                bad("draft_vocab must be a non-empty list of integer token ids")
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                bad(f"draft_vocab ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
-            if len(set(ids)) != len(ids):
-                bad("draft_vocab lists a token twice")
+        if self.draft_vocab is not None and (problem := draft_vocab_problem(self.draft_vocab, self.vocab_size)):
+            bad(f"draft_vocab {problem}")
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:

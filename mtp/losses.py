@@ -163,17 +163,13 @@ def naive_loss(model: MTPTransformer, window: torch.Tensor, weights: list[float]
     logits = model(x, return_all_heads=True)  # (B, T, n, V)
     rows = draft_rows(model, x.device)
     counts = (labels != IGNORE).sum(dim=(0, 1)).clamp(min=1)  # (n,)
-    if rows is None:
-        ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
-        per_head = ce.view(labels.shape).sum(dim=(0, 1)) / counts  # (n,) mean CE of each head
-    else:  # head 0 over the whole vocabulary, the others over the draft vocabulary's rows
-        sums = []
-        for i in range(labels.shape[-1]):
-            li, lab = logits[:, :, i].float(), labels[:, :, i]
-            if i > 0:
-                li, lab = li[..., rows[0]], restrict_labels(lab, rows[1])
-            sums.append(F.cross_entropy(li.flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum"))
-        per_head = torch.stack(sums) / counts
+    sums = []  # each head's CE sum: head 0 over the whole vocabulary, the others over the draft rows
+    for i in range(labels.shape[-1]):
+        li, lab = logits[:, :, i].float(), labels[:, :, i]
+        if rows is not None and i > 0:
+            li, lab = li[..., rows[0]], restrict_labels(lab, rows[1])
+        sums.append(F.cross_entropy(li.flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum"))
+    per_head = torch.stack(sums) / counts  # (n,) mean CE of each head
     if distill is None:
         total = (per_head * torch.tensor(weights, device=per_head.device)).sum()
         return LossOutput(total, per_head.detach().tolist())
@@ -422,9 +418,8 @@ def mtp_loss_backward(
         z = model.norm(out_d)  # (B, T, D)
         restricted = rows is not None and i > 0
         w_i = w_draft if restricted else w_compute
-        extra = {}
+        kl_valid = lab != IGNORE  # every target's position has a teacher, inside the draft vocabulary or not
         if restricted:  # the draft vocabulary's rows: labels renumbered, the weight's gradient scattered back
-            extra = dict(kl_valid=lab != IGNORE) if distill is not None else {}
             lab = restrict_labels(lab, rows[1])
         common = dict(scale=weights[i] * grad_scale / max(n_valid, 1), chunk=chunk, compute_dtype=compute_dtype,
                       compile=compile_ce, dweight=None if restricted else dw_total, input_grad=z.requires_grad,
@@ -433,7 +428,7 @@ def mtp_loss_backward(
             zt = shift_teacher(z_teacher, model.config.head_offsets[i])
             ce_sum, kl_sum, dz, dw = fused_linear_distill_loss(
                 z.detach().reshape(-1, z.shape[-1]), zt.reshape(-1, zt.shape[-1]), w_i, lab,
-                distill=distill, **common, **extra)
+                distill=distill, kl_valid=kl_valid, **common)
             kl_means[i] = kl_sum / max(n_valid, 1)
         else:
             ce_sum, dz, dw = fused_linear_cross_entropy(z.detach().reshape(-1, z.shape[-1]), w_i, lab, **common)
@@ -533,8 +528,7 @@ def head_metrics(model: MTPTransformer, window: torch.Tensor, chunk: int | None 
         for s in range(0, z.shape[0], chunk):
             logits = F.linear(z[s : s + chunk], weight).float()
             lc, lr = lab[s : s + chunk], lab_r[s : s + chunk]
-            ce = F.cross_entropy(logits, lr, ignore_index=IGNORE, reduction="sum") if (lr != IGNORE).any() else 0.0
-            ce_sum[i] += float(ce)
+            ce_sum[i] += float(F.cross_entropy(logits, lr, ignore_index=IGNORE, reduction="sum"))
             correct[i] += float(((logits.argmax(-1) == lr) & (lr != IGNORE)).sum())
             count[i] += float((lc != IGNORE).sum())
     return {"ce_sum": ce_sum, "correct": correct, "count": count}

@@ -46,6 +46,12 @@ CPU_COMPILE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "
                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
+def compiled_max_len(max_len: int) -> int:
+    """The cache length a compiled decoder gets for max_len positions: a multiple of 256, so that
+    fewer shapes (graphs) exist; attention reads all of it."""
+    return 256 * math.ceil(max_len / 256)
+
+
 def prepacks(model: MTPTransformer, pack_weights: bool | None) -> bool:
     """Whether the CPU's compiled step has inductor prepack the weights into oneDNN's layout
     (`cpp.weight_prepack`): where the eager decoder would pack them (`--pack-weights on`, or auto
@@ -54,8 +60,8 @@ def prepacks(model: MTPTransformer, pack_weights: bool | None) -> bool:
     81.7 ms, docs/benchmarks.md). The price: oneDNN's weight tensors cannot be pickled, so such
     graphs miss inductor's cache between processes and every new process compiles them again
     (100-140 s a step on that model). Small models, whose weights stay in cache, keep the
-    cacheable plan."""
-    return will_pack(model, pack_weights)
+    cacheable plan. Never off a CPU."""
+    return model.output.weight.device.type == "cpu" and will_pack(model, pack_weights)
 
 
 def compile_plan(device: torch.device, prepack: bool = False) -> tuple[dict, Callable[[Callable], Callable], bool]:
@@ -81,7 +87,7 @@ def frozen(compiled: Callable) -> Callable:
 
 def compile_steps(dec: Decoder) -> Decoder:
     """Compile dec's step functions (each compiles at its first call) by this device's plan."""
-    how, wrap, weights_in = compile_plan(dec.device, dec.device.type == "cpu" and prepacks(dec.model, dec.cfg.pack_weights))
+    how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights))
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
     dec.weights = weights_key(dec.model) if weights_in else None
@@ -120,10 +126,10 @@ def decoder_for(model: MTPTransformer, k: int, batch: int, max_len: int, cfg: Ge
         return Decoder(model, k, batch, max_len, cfg).reset(cfg)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    max_len = 256 * math.ceil(max_len / 256)  # fewer distinct shapes
+    max_len = compiled_max_len(max_len)
     p = model.output.weight
-    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads, cfg.pack_weights,
-           None if draft_vocab_of(cfg, model) is None else tuple(draft_vocab_of(cfg, model)))
+    ids = draft_vocab_of(cfg.draft_vocab, model)
+    key = (k, batch, max_len, p.dtype, p.device, cfg.stack_heads, cfg.pack_weights, None if ids is None else tuple(ids))
     # kept per model and shape, so that later calls reuse the compiled graphs (and on CUDA the
     # captured graphs, which point at the decoder's own cache buffers)
     per_model = _kept.setdefault(model, {})

@@ -126,7 +126,7 @@ class Decoder:
     def reset(self, cfg: GenerationConfig) -> "Decoder":
         """Start a generate() call: its settings and its random generator."""
         self.cfg, self.generator = cfg, None
-        ids = draft_vocab_of(cfg, self.model)
+        ids = draft_vocab_of(cfg.draft_vocab, self.model)
         if ids is None:
             self.draft_vocab = None
         else:

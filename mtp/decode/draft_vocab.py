@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtp.config import draft_vocab_problem
 from mtp.errors import MTPError
 
 
@@ -59,20 +60,15 @@ def checkpoint_draft_vocab(meta: dict, tokenizer, n: int, vocab_size: int, corpu
                               train.get("val_fraction", 0.005), progress=progress)
 
 
-def draft_vocab_of(cfg, model) -> Sequence[int] | None:
-    """The draft vocabulary a generate() call uses: the call's own (GenerationConfig.draft_vocab),
+def draft_vocab_of(ids: Sequence[int] | None, model) -> Sequence[int] | None:
+    """The draft vocabulary a decoding call uses: its own `ids` (GenerationConfig.draft_vocab),
     else the one the model's heads were trained over (ModelConfig.draft_vocab), else None."""
-    return cfg.draft_vocab if cfg.draft_vocab is not None else model.config.draft_vocab
+    return ids if ids is not None else model.config.draft_vocab
 
 
 def check_draft_vocab(ids: Sequence[int], vocab_size: int) -> None:
-    if len(ids) == 0:
-        raise MTPError("the draft vocabulary is empty")
-    lo, hi = min(ids), max(ids)
-    if lo < 0 or hi >= vocab_size:
-        raise MTPError(f"draft vocabulary ids must lie in [0, {vocab_size}), got {lo}..{hi}")
-    if len(set(ids)) != len(ids):
-        raise MTPError("the draft vocabulary lists a token twice")
+    if problem := draft_vocab_problem(ids, vocab_size):
+        raise MTPError(f"the draft vocabulary {problem}")
 
 
 class DraftVocab:
