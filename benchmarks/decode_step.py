@@ -20,8 +20,8 @@ V / N (rows "stacked, dv N").
 
 --compile: the same steps compiled as `--compile` decodes (mtp.decode.compile: on a CPU inductor's
 C++ kernels on frozen weights, prepacked for oneDNN on a big model; attention over the whole cache
-of 256 * ceil(positions / 256) slots, as compiled decoding reads it), heads stacked; one graph per
-setting, compiled before the timing (the compile time of each is printed).
+of 256 * ceil(positions / 256) slots, as compiled decoding reads it); one graph per setting,
+compiled before the timing (the compile time of each is printed).
 
 --profile: where a step's time goes (torch.profiler, packed weights where they apply), by kind of
 operator, for the greedy step and the k-head step: the matrix products, attention, the rest of
@@ -61,9 +61,9 @@ def step_costs(model, batch: int, ks: list[int], position: int = 100, steps: int
                weights: str = "as stored", draft_vocab=None) -> dict:
     """{(k, heads): seconds per step}; k = 1 is the plain greedy step, heads "stacked", "own
     blocks" or (with draft_vocab, the token ids) "stacked, dv N". weights: as stored, packed,
-    measured, or compiled (the steps compiled as --compile decodes, heads stacked)."""
+    measured, or compiled (the steps compiled as --compile decodes)."""
     compile = weights == "compiled"
-    settings = [(1, "-")] + [(k, h) for k in ks for h in (("stacked",) if compile else ("stacked", "own blocks"))]
+    settings = [(1, "-")] + [(k, h) for k in ks for h in ("stacked", "own blocks")]
     if draft_vocab is not None:
         settings += [(k, f"stacked, dv {len(draft_vocab)}") for k in ks]
     runs = {(k, h): step_inputs(model, k, batch, position, h != "own blocks",

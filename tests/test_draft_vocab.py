@@ -10,7 +10,7 @@ from mtp.decode.draft_vocab import DraftVocab, frequent_tokens
 from mtp.errors import MTPError
 from mtp.generate import GenerationConfig, generate
 from test_generate import (RAGGED, chi_square_pvalue, exact_joint, prompts_for, reference_greedy, sample_counts,
-                           sampling_model, trained)
+                           sampling_model, trained, trained_copy)
 
 
 def test_frequent_tokens():
@@ -75,3 +75,28 @@ def test_sampling_with_a_draft_vocab_matches_plain_sampling(head_type, tree):
 def test_bad_draft_vocab(ids, match):
     with pytest.raises(MTPError, match=match):
         generate(trained("parallel"), [[1, 2]], GenerationConfig(max_new_tokens=2, draft_vocab=ids))
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_compiled_decoding_with_a_draft_vocab_equals_eager(head_type):
+    """Compiled, the draft vocabulary's rows of the unembedding are constants of the step (frozen
+    in on a CPU): the same tokens and the same drafts as eager decoding over the same draft
+    vocabulary, and after the unembedding changes the compiled drafts follow it."""
+    model = trained_copy(head_type)  # its unembedding is changed below
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 16) for p in prompts]
+    ids = sorted({t for r in refs for t in r})[:-1]  # all but one of the tokens greedy writes
+    cfg = dict(max_new_tokens=16, speculative=3, draft_vocab=ids)
+    eager = generate(model, prompts, GenerationConfig(**cfg))
+    out = generate(model, prompts, GenerationConfig(**cfg, compile=True))
+    assert eager.tokens == refs and out.tokens == refs
+    assert out.stats.forward_passes == eager.stats.forward_passes
+    assert out.stats.acceptance_by_head == pytest.approx(eager.stats.acceptance_by_head)
+    with torch.no_grad():
+        model.output.weight[ids[: len(ids) // 2]] *= -1.0  # half the draft tokens' rows flipped
+    refs = [reference_greedy(model, p, 16) for p in prompts]
+    eager = generate(model, prompts, GenerationConfig(**cfg))
+    out = generate(model, prompts, GenerationConfig(**cfg, compile=True))
+    assert out.tokens == refs
+    assert out.stats.forward_passes == eager.stats.forward_passes
+    assert out.stats.acceptance_by_head == pytest.approx(eager.stats.acceptance_by_head)

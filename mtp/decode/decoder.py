@@ -110,6 +110,7 @@ class Decoder:
         self.weights = None  # compiled with the weights as constants: their weights_key
         self.generator: torch.Generator | None = None
         self.draft_vocab: DraftVocab | None = None  # the heads' restricted unembedding (cfg.draft_vocab)
+        self.use_draft_vocab(cfg)  # built now: a compiled decoder (mtp.decode.compile) takes it as constants
 
     @property
     def model(self) -> MTPTransformer:
@@ -126,13 +127,7 @@ class Decoder:
     def reset(self, cfg: GenerationConfig) -> "Decoder":
         """Start a generate() call: its settings and its random generator."""
         self.cfg, self.generator = cfg, None
-        ids = draft_vocab_of(cfg.draft_vocab, self.model)
-        if ids is None:
-            self.draft_vocab = None
-        else:
-            if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(ids):
-                self.draft_vocab = DraftVocab(ids, self.model.config.vocab_size)
-            self.draft_vocab.refresh(self.model)
+        self.use_draft_vocab(cfg)
         if self.stacked is not None:
             self.stacked.refresh()  # the weights may have changed since this decoder was built
         if not cfg.greedy:
@@ -141,6 +136,16 @@ class Decoder:
             seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self.generator.manual_seed(seed)
         return self
+
+    def use_draft_vocab(self, cfg: GenerationConfig) -> None:
+        """The draft vocabulary of cfg (or the model's own), its unembedding rows up to date."""
+        ids = draft_vocab_of(cfg.draft_vocab, self.model)
+        if ids is None:
+            self.draft_vocab = None
+            return
+        if self.draft_vocab is None or self.draft_vocab.ids_list != tuple(ids):
+            self.draft_vocab = DraftVocab(ids, self.model.config.vocab_size)
+        self.draft_vocab.refresh(self.model)
 
     def kv_len(self, last_pos: int) -> int:
         """How much of the cache attention reads when the last position is last_pos."""

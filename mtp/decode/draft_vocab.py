@@ -83,13 +83,27 @@ class DraftVocab:
         self.weight: torch.Tensor | None = None
         self._of: tuple | None = None
 
+    @torch.no_grad()
     def refresh(self, model) -> None:
+        """Copy the draft vocabulary's rows of the model's unembedding in if it changed. The
+        tensors keep their storage where they can: a compiled step reads them as static (frozen
+        into a CPU graph's constants, by address in a CUDA graph; `static_tensors`)."""
         w = model.output.weight
         key = (id(w), w._version, w.device, w.dtype)
-        if key != self._of:
-            self.ids = torch.tensor(self.ids_list, dtype=torch.long, device=w.device)
-            self.weight = w.detach().index_select(0, self.ids).contiguous()  # (N, D)
-            self._of = key
+        if key == self._of:
+            return
+        ids = torch.tensor(self.ids_list, dtype=torch.long, device=w.device)
+        rows = w.detach().index_select(0, ids)  # (N, D)
+        if self.weight is not None and self.weight.shape == rows.shape and self.weight.dtype == rows.dtype \
+                and self.weight.device == rows.device:
+            self.weight.copy_(rows)
+        else:
+            self.ids, self.weight = ids, rows.contiguous()
+        self._of = key
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """What a compiled step may take as constants: the ids and the restricted unembedding."""
+        return [self.ids, self.weight]
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """The heads' logits over the full vocabulary (..., V) from hidden (..., D): the draft
