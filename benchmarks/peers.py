@@ -202,7 +202,8 @@ def main() -> None:
                 llamas["llama.cpp f32 lookup"] = mk(
                     f32, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.lookup_tokens))
             quant = base.stem.rsplit(".", 1)[-1]
-            llamas[f"llama.cpp {quant}"] = mk(base)
+            if wanted(f"llama.cpp {quant}"):
+                llamas[f"llama.cpp {quant}"] = mk(base)
 
     def llama_run(llm):
         def run(p):

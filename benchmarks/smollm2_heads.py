@@ -165,7 +165,9 @@ def main() -> None:
     bench = {"code": run_json("bench", heads, "--corpus", "stdlib", "--prompt-len", args.prompt_len,
                               "--n-prompts", args.n_prompts, *common),
              "nl": run_json("bench", heads, "--prompts", nl_file, *common)}
-    if args.draft_vocab:  # the same, the heads drafting among the corpus's most frequent tokens
+    # the same, the heads drafting among the corpus's most frequent tokens (heads trained over a
+    # draft vocabulary draft among theirs already: the rows above)
+    if args.draft_vocab and not args.train_draft_vocab:
         dv = ["--draft-vocab", args.draft_vocab, "--corpus", "stdlib"]
         bench["code_draft_vocab"] = run_json("bench", heads, "--prompt-len", args.prompt_len,
                                              "--n-prompts", args.n_prompts, *common, *dv)
