@@ -46,7 +46,7 @@ import torch
 from mtp.checkpoint import load_checkpoint
 from mtp.decode.compile import compile_steps, compiled_max_len
 from mtp.decode.decoder import Decoder
-from mtp.decode.packed import applies, measured_rows, packed_linears
+from mtp.decode.packed import applies, measured_kernels, packed_linears
 from mtp.generate import GenerationConfig, usable_heads
 
 
@@ -176,7 +176,7 @@ def main() -> None:
         best = min(c[(1, "-")] for c in costs.values())
         if i == 0:
             if "measured" in modes:
-                print(f"measured: products compute packed from {measured_rows(model):g} rows on")
+                print(f"measured: the kernel by rows {measured_kernels(model)}")
             print("| batch | weights | k | heads | ms per step | x greedy | x best greedy |")
             print("|---|---|---|---|---|---|---|")
         for weights, c in costs.items():

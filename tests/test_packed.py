@@ -143,54 +143,56 @@ def test_the_probe_asks_onednn(monkeypatch):
 
 
 @torch.no_grad()
-def test_measured_packing_takes_the_measured_threshold(monkeypatch):
-    """measured: a product with fewer rows than the model's measured threshold runs F.linear,
-    one with as many or more the packed kernel; the results agree either way."""
+def test_measured_policy_takes_the_kernel_measured_for_each_row_count(monkeypatch):
+    """measured: each product takes the kernel measured fastest for its number of rows (a count
+    between two measured ones: the larger's); the results agree with F.linear's whichever it takes."""
     model = model_for()
     calls = []
     real = packed.packed_matmul
     monkeypatch.setattr(packed, "packed_matmul", lambda x, p, b: calls.append(x.shape) or real(x, p, b))
-    monkeypatch.setattr(packed, "_min_rows", {})
-    assert packed.measured_rows(model) is None
+    monkeypatch.setattr(packed, "_chosen", {})
+    assert packed.measured_kernels(model) is None
     with packed.packed_linears(model, measured=True):
-        found = packed.measured_rows(model)
-    assert found == float("inf") or found in packed.ROWS
+        found = packed.measured_kernels(model)
+    assert set(found) == set(packed.ROWS) and all(found[r] in packed.candidates(model, r) for r in packed.ROWS)
     assert calls  # the measurement ran packed passes
-    packed._min_rows[packed._model_key(model)] = 4.0  # as if measured: 4 rows
-    x3, x4 = torch.randint(0, 24, (1, 1)), torch.randint(0, 24, (2, 2))  # the 3 heads' logits: 3 rows
-    ref3, ref4 = model(x3, return_all_heads=True), model(x4, return_all_heads=True)
+    packed._chosen[packed._model_key(model)] = {1: "linear", 2: "linear", 4: "linear", 8: "packed", 16: "packed",
+                                                32: "packed"}  # as if measured
+    x1, x8, x40 = (torch.randint(0, 24, s) for s in ((1, 1), (1, 8), (1, 40)))  # the heads' logits: 3x the rows
+    refs = [model(x, return_all_heads=True) for x in (x1, x8, x40)]
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
     with packed.packed_linears(model, measured=True):
         calls.clear()
-        got3 = model(x3, return_all_heads=True)
-        assert calls == []  # at most 3 rows < 4: F.linear everywhere
-        got4 = model(x4, return_all_heads=True)
-        assert len(calls) == sum(type(m) is nn.Linear for m in model.modules())  # >= 4 rows: packed
-    assert torch.equal(got3, ref3)  # the very kernel of the plain model
-    torch.testing.assert_close(got4, ref4, rtol=1e-5, atol=1e-5)
+        got1 = model(x1, return_all_heads=True)
+        assert calls == []  # 1 row, and 3 (the 4-row kernel): F.linear everywhere
+        got8 = model(x8, return_all_heads=True)
+        assert len(calls) == n_linear  # 8 rows, and 24 (the 32-row kernel): packed
+        calls.clear()
+        got40 = model(x40, return_all_heads=True)
+        assert len(calls) == n_linear  # more rows than measured: the largest count's kernel
+    assert torch.equal(got1, refs[0])  # the very kernel of the plain model
+    torch.testing.assert_close(got8, refs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got40, refs[2], rtol=1e-5, atol=1e-5)
     with packed.packed_linears(model):  # not measured: packed at every row count
         calls.clear()
-        model(x3, return_all_heads=True)
-        assert len(calls) > 0
+        model(x1, return_all_heads=True)
+        assert len(calls) == n_linear
 
 
-def test_the_threshold_is_where_packing_wins_from_on():
-    assert packed.threshold({1: True, 2: True, 4: True}) == 1.0
-    assert packed.threshold({1: False, 2: True, 4: True, 8: True}) == 2.0
-    assert packed.threshold({1: True, 2: False, 4: True, 8: True}) == 4.0  # a win below a loss does not count
-    assert packed.threshold({1: False, 2: False, 4: False}) == float("inf")
-
-
-def test_measurement_picks_the_faster_setting(monkeypatch):
-    """_measure times whole passes in both settings and keeps the faster from each row count."""
+def test_measurement_picks_the_fastest_kernel_per_row_count(monkeypatch):
+    """_measure times whole passes with each candidate kernel and keeps the fastest at each count."""
     model = model_for()
-    policy = [1.0]
-    # a clock under which packed passes (policy 1) are slower below 4 tokens
-    monkeypatch.setattr(packed, "_time", lambda fn: (2.0 if rows[0] < 4 else 1.0) if policy[0] == 1.0 else 1.5)
+    policy = packed.Policy()
     rows = [0]
+    # a clock under which packed passes are fastest from 4 tokens on, F.linear below
+    speed = {"linear": lambda r: 1.0, "packed": lambda r: 0.5 if r >= 4 else 2.0, "rowdot": lambda r: 1.5}
+    monkeypatch.setattr(packed, "_time", lambda fn: speed[policy.fixed](rows[0]))
     real_zeros = torch.zeros
 
     def zeros(shape, **kw):
         rows[0] = shape[1]
         return real_zeros(shape, **kw)
     monkeypatch.setattr(packed.torch, "zeros", zeros)
-    assert packed._measure(model, policy) == 4.0
+    assert packed._measure(model, policy) == {1: "linear", 2: "linear", 4: "packed", 8: "packed", 16: "packed",
+                                              32: "packed"}
+    assert policy.fixed is None

@@ -4,11 +4,15 @@ run at one position only: equal up to float rounding), the same generated tokens
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from mtp.config import ModelConfig
+from mtp.decode import rowdot
 from mtp.decode.decoder import Decoder
+from mtp.decode.packed import packed_linears
 from mtp.generate import GenerationConfig, generate
 from mtp.model import MTPTransformer
 
@@ -28,8 +32,17 @@ def decoders(model, k, B, **kw):
 @torch.no_grad()
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 @pytest.mark.parametrize("k", [2, 4])
-def test_stacked_heads_equal_their_own_blocks(n_kv_heads, k):
+@pytest.mark.parametrize("kernel", [None, "rowdot"])
+def test_stacked_heads_equal_their_own_blocks(n_kv_heads, k, kernel):
+    """kernel rowdot: every product (the stacked heads' per-head ones too) on mtp's rowdot kernel."""
+    if kernel == "rowdot" and not rowdot.available():
+        pytest.skip(f"rowdot unavailable: {rowdot.unavailable_reason()}")
     model = model_for(n_kv_heads=n_kv_heads)
+    with contextlib.nullcontext() if kernel is None else packed_linears(model, kernel=kernel):
+        check_stacked_against_own_blocks(model, k)
+
+
+def check_stacked_against_own_blocks(model, k):
     stacked, plain = decoders(model, k, B=3)
     assert stacked.stacked is not None and plain.stacked is None
     g = torch.Generator().manual_seed(0)

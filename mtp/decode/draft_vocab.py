@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from mtp.config import draft_vocab_problem
+from mtp.decode import rowdot
+from mtp.decode.packed import kernel_of
 from mtp.errors import MTPError
 
 
@@ -108,6 +110,11 @@ class DraftVocab:
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """The heads' logits over the full vocabulary (..., V) from hidden (..., D): the draft
         vocabulary's from one (N, D) product, -inf elsewhere."""
-        small = F.linear(model.norm(hidden), self.weight)  # (..., N)
+        x = model.norm(hidden)
+        # the kernel the unembedding itself computes with at this many rows (mtp.decode.packed)
+        if kernel_of(model.output, x.numel() // x.shape[-1]) == "rowdot":
+            small = rowdot.rowdot(x, self.weight)
+        else:
+            small = F.linear(x, self.weight)  # (..., N)
         full = small.new_full((*small.shape[:-1], model.config.vocab_size), float("-inf"))
         return full.index_copy_(full.dim() - 1, self.ids, small)

@@ -1,4 +1,4 @@
-"""CPU decoding with prepacked linear weights (oneDNN).
+"""CPU decoding with prepacked linear weights (oneDNN), or mtp's rowdot kernel, per row count.
 
 On a CPU, `F.linear` on a few rows re-packs the whole weight matrix into the GEMM kernel's
 blocked layout on every call (one row takes a matrix-vector path that does not). A model whose
@@ -13,11 +13,12 @@ Packing pays where decoding is bound by reading the weights; where they fit in t
 default (`worth_packing`) only models with at least 64 MiB of linear weights are packed.
 
 Which kernel wins also depends on the CPU and the number of rows: on an AMD EPYC (AVX2) packed
-products made a 1-token step 1.8x faster, on an Intel Xeon with AVX-512 `F.linear`'s 1-row path
-was faster and packing won from 2-4 rows. So by default (`packed_linears(model, measured=True)`)
-a model's products compute packed from the number of rows from which packing made its forward
-pass faster on this machine (timed once per process: `_measure`), and fewer rows take
-`F.linear`. `--pack-weights on` packs every product.
+products made a 1-token step 1.8x faster; on an Intel Xeon with AVX-512 `F.linear`'s 1-row path
+was faster, and for 2-16 rows (a speculative step's) neither library kernel stays bound by memory,
+where mtp's own `rowdot` kernel (mtp.decode.rowdot, float32) does. So by default
+(`packed_linears(model, measured=True)`) each product takes the kernel that made the model's
+forward pass fastest on this machine at its number of rows: F.linear, the packed product or rowdot
+(timed once per process: `_measure`). `--pack-weights on` packs every product.
 
 `packed_linears(model)` is a context in which the model's `nn.Linear` layers compute with packed
 copies of their weights. The copies are kept for the model between calls (one more copy of the
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtp.decode import rowdot
 from mtp.errors import MTPError
 
 # module -> {name of a linear layer: (its weight's _key, the weight, the packed copy)}
@@ -132,17 +134,53 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, policy: list):
+def _forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, policy: "Policy"):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < policy[0] * x.shape[-1]:  # fewer rows than the packed product pays for
-            return F.linear(x, weight, bias)
-        return packed_matmul(x, packed, bias)
+        kernel = policy.kernel(x.numel() // x.shape[-1])
+        if kernel == "packed":
+            return packed_matmul(x, packed, bias)
+        if kernel == "rowdot":
+            return rowdot.rowdot(x, weight, bias)
+        return F.linear(x, weight, bias)
+    forward.policy = policy
     return forward
 
 
-ROWS = (1, 2, 4, 8, 16)
-# (the model's linear shapes, dtype, threads) -> the rows from which its packed products are faster
-_min_rows: dict[tuple, float] = {}
+def kernel_of(module: nn.Module, rows: int) -> str:
+    """The kernel a linear layer computes a product of `rows` rows with: its policy's where it is
+    swapped (within `packed_linears`), else "linear"."""
+    policy = getattr(module.__dict__.get("forward"), "policy", None)
+    return "linear" if policy is None else policy.kernel(rows)
+
+
+ROWS = (1, 2, 4, 8, 16, 32)  # the row counts measured; a count between two takes the larger's kernel
+
+
+class Policy:
+    """Which kernel each swapped layer computes with, by the number of rows it multiplies: one
+    kernel everywhere (`fixed`), or the kernel measured fastest for each count in ROWS."""
+
+    def __init__(self, fixed: str | None = "packed", by_rows: dict[int, str] | None = None):
+        self.fixed, self.by_rows = fixed, by_rows or {}
+
+    def kernel(self, rows: int) -> str:
+        if self.fixed is not None:
+            return self.fixed
+        for r in ROWS:
+            if rows <= r and r in self.by_rows:
+                return self.by_rows[r]
+        return self.by_rows.get(max(self.by_rows, default=0), "linear")
+
+
+def candidates(model: nn.Module, rows: int) -> tuple[str, ...]:
+    """The kernels a product of `rows` rows may take on this model here: F.linear, oneDNN's packed
+    product and (float32, at most rowdot.MAX_ROWS rows, where it builds) mtp's rowdot kernel."""
+    fits = next(model.parameters()).dtype == torch.float32 and rows <= rowdot.MAX_ROWS
+    return ("linear", "packed") + (("rowdot",) if fits and rowdot.available() else ())
+
+
+# (the model's linear shapes, dtype, threads) -> {rows: the kernel measured fastest}
+_chosen: dict[tuple, dict[int, str]] = {}
 
 
 def _model_key(model: nn.Module) -> tuple:
@@ -156,51 +194,45 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def threshold(wins: dict[int, bool]) -> float:
-    """The fewest rows from which the packed product won at every larger count measured (inf: none)."""
-    for rows in sorted(wins):
-        if all(won for r, won in wins.items() if r >= rows):
-            return float(rows)
-    return math.inf
-
-
-def _measure(model: nn.Module, policy: list, rounds: int = 2) -> float:
-    """Time the model's forward pass on 1, 2, 4, 8 and 16 tokens with every product packed and
-    with none (interleaved, the best of `rounds` each): whole passes, so that the weights are read
-    from memory as decoding reads them (a product timed alone finds them in cache)."""
+def _measure(model: nn.Module, policy: Policy, rounds: int = 2) -> dict[int, str]:
+    """Time the model's forward pass on 1, 2, 4, ... 32 tokens with every product on each
+    candidate kernel (interleaved, the best of `rounds` each) -> {rows: the fastest kernel}.
+    Whole passes, so that the weights are read from memory as decoding reads them (a product timed
+    alone finds them in cache)."""
     device = next(model.parameters()).device
-    wins = {}
+    chosen = {}
     for rows in ROWS:
         tokens = torch.zeros((1, rows), dtype=torch.long, device=device)
-        best = {1.0: math.inf, math.inf: math.inf}  # packed from 1 row / never
+        best = dict.fromkeys(candidates(model, rows), math.inf)
         for r in range(rounds + 1):  # round 0 warms up
-            for mode in best:
-                policy[0] = mode
+            for kernel in best:
+                policy.fixed = kernel
                 t = _time(lambda: model(tokens))
                 if r:
-                    best[mode] = min(best[mode], t)
-        wins[rows] = best[1.0] < best[math.inf]
-    return threshold(wins)
+                    best[kernel] = min(best[kernel], t)
+        chosen[rows] = min(best, key=best.get)
+    policy.fixed = None
+    return chosen
 
 
-def measured_rows(model: nn.Module) -> float | None:
-    """The rows from which this model's products compute packed here (None: not measured yet)."""
-    return _min_rows.get(_model_key(model))
+def measured_kernels(model: nn.Module) -> dict[int, str] | None:
+    """{rows: kernel} this model's products take here when measured (None: not measured yet)."""
+    return _chosen.get(_model_key(model))
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, measured: bool = False) -> Iterator[int]:
-    """Within the block, every nn.Linear of `model` computes with a packed copy of its weight:
-    at every row count, or (measured) from the row count from which the packed products made the
-    model's forward pass faster on this machine (measured once per process for a model's shapes,
-    dtype and threads: some 1-2 s for SmolLM2-135M). Yields how many layers were packed (0 where
-    packing does not apply)."""
+def packed_linears(model: nn.Module, measured: bool = False, kernel: str = "packed") -> Iterator[int]:
+    """Within the block, every nn.Linear of `model` computes with `kernel` ("packed": a packed
+    copy of its weight; "rowdot"; "linear") at every row count, or (measured) with the kernel
+    that made the model's forward pass fastest on this machine at that row count (measured once
+    per process for a model's shapes, dtype and threads: a few seconds for SmolLM2-135M). Yields
+    how many layers were swapped (0 where packing does not apply)."""
     if not applies(model):
         yield 0
         return
     cache: dict[str, tuple] = _packed_weights.setdefault(model, {})
     swapped = []
-    policy = [1.0]  # read by every swapped layer at each call
+    policy = Policy(kernel)  # read by every swapped layer at each call
     try:
         with torch.no_grad():
             for name, mod in model.named_modules():
@@ -215,9 +247,9 @@ def packed_linears(model: nn.Module, measured: bool = False) -> Iterator[int]:
                 swapped.append(mod)
             if measured and swapped:
                 key = _model_key(model)
-                if key not in _min_rows:
-                    _min_rows[key] = _measure(model, policy)
-                policy[0] = _min_rows[key]
+                if key not in _chosen:
+                    _chosen[key] = _measure(model, policy)
+                policy.fixed, policy.by_rows = None, _chosen[key]
         yield len(swapped)
     finally:
         for mod in swapped:

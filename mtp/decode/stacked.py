@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtp.config import TRUNK
+from mtp.decode import rowdot
 from mtp.decode.cache import CacheStep, KVCache, cached_attention, weights_key
+from mtp.decode.packed import kernel_of
 from mtp.model import TransformerBlock, apply_rope
 
 # model -> {k: its StackedHeads}; a StackedHeads holds the model's head blocks, never the model
@@ -112,6 +114,14 @@ class StackedHeads(nn.Module):
                 setattr(self, name, stacked)
         self._key = key
 
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (H', M, in) @ w (H', out, in)^T per head -> (H', M, out): torch.bmm, or one product
+        per head with mtp's rowdot kernel where the blocks' own linear layers compute with it at
+        this many rows (within mtp.decode.packed.packed_linears)."""
+        if kernel_of(self._blocks[0].feed_forward.w1, x.shape[1]) == "rowdot":
+            return torch.stack([rowdot.rowdot(x[h], w[h]) for h in range(x.shape[0])])
+        return torch.bmm(x, w.transpose(1, 2))
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as mtp.model.RMSNorm computes it; weight is shaped to broadcast over x."""
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * weight
@@ -123,8 +133,8 @@ class StackedHeads(nn.Module):
         """The feed-forward half of head 0 (part "0") or the drafting heads ("d") on their residual
         streams h (H', M, D)."""
         norm, w13, w2 = (getattr(self, f"{name}_{part}") for name in ("ffn_norm", "w13", "w2"))
-        gate, up = torch.bmm(self._norm(h, norm[:, None]), w13.transpose(1, 2)).split(self.ffn_hidden, dim=-1)
-        return h + torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))
+        gate, up = self._mm(self._norm(h, norm[:, None]), w13).split(self.ffn_hidden, dim=-1)
+        return h + self._mm(F.silu(gate) * up, w2)
 
     def verify(self, x: torch.Tensor, kv: KVCache, step: CacheStep):
         """x (B, T, D), the trunk's output at step.positions. kv: the heads' caches as one cache of
@@ -136,13 +146,13 @@ class StackedHeads(nn.Module):
         H, (B, T, D) = self.attention_norm.shape[0], x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         a = self._norm(x, self.attention_norm[:, None, None]).view(H, B * T, D)  # x normalised once
-        qkv = torch.bmm(a, self.wqkv.transpose(1, 2)).view(H, B, T, nh + 2 * nkv, hd)
+        qkv = self._mm(a, self.wqkv).view(H, B, T, nh + 2 * nkv, hd)
         qk, v = qkv.split([nh + nkv, nkv], dim=3)
         q, k = apply_rope(qk, step.cos, step.sin).split([nh, nkv], dim=3)  # (H, B, T, heads, hd)
         k, v = (t.reshape(H * B, T, nkv, hd).transpose(1, 2) for t in (k, v))
         k, v = kv.update(step.slots.repeat(H, 1), k, v, step.kv_len)  # (HB, nkv, kv_len, hd)
         y = self._attend(q[0].transpose(1, 2), k[:B], v[:B], step.mask).reshape(1, B * T, nh * hd)
-        h0 = x.reshape(1, B * T, D) + torch.bmm(y, self.wo_0.transpose(1, 2))
+        h0 = x.reshape(1, B * T, D) + self._mm(y, self.wo_0)
         h0 = self._ffn(h0, "0").view(B, T, D)
         return h0, (x, q[1:], step.mask)  # no views of the cache: outputs of a captured graph stay its own
 
@@ -156,5 +166,5 @@ class StackedHeads(nn.Module):
         q = q[:, rows, idx].reshape(G * B, 1, -1, self.head_dim).transpose(1, 2)  # (GB, nh, 1, hd)
         mask = mask[rows, :, idx][:, :, None].repeat(G, 1, 1, 1)  # (GB, 1, 1, kv_len)
         y = self._attend(q, k, v, mask).reshape(G, B, -1)
-        h = x[rows, idx][None] + torch.bmm(y, self.wo_d.transpose(1, 2))  # (G, B, D)
+        h = x[rows, idx][None] + self._mm(y, self.wo_d)  # (G, B, D)
         return self._ffn(h, "d")
