@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mtp.config import HEAD_TYPES, ModelConfig
-from mtp.decode import packed
+from mtp.decode import packed, rowdot
 from mtp.decode.compile import kept_decoders
 from mtp.decode.sampling import greedy_accept, process_logits
 from mtp.errors import MTPError
@@ -349,6 +349,33 @@ def test_sampling_is_reproducible_with_a_seed():
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
+@pytest.mark.skipif(not rowdot.available(), reason="mtp's rowdot kernel does not build here")
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_compiled_decoding_on_rowdot_equals_eager(head_type, monkeypatch):
+    """Where the eager decoder would pack (here asked for), a float32 CPU step is compiled with its
+    products of 2-16 rows on mtp's rowdot kernel: the same tokens as greedy, the same drafts as
+    eager, and later calls reuse the graphs (nothing is traced again)."""
+    import mtp.decode.compile as C
+
+    plans = []
+    real = C.with_rowdot
+    monkeypatch.setattr(C, "with_rowdot", lambda dec, wrap: plans.append(dec.k) or real(dec, wrap))
+    model = trained_copy(head_type)
+    prompts = prompts_for(RAGGED)
+    refs = [reference_greedy(model, p, 12) for p in prompts]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=12, speculative=3))
+    cfg = GenerationConfig(max_new_tokens=12, speculative=3, compile=True, pack_weights=True)
+    out = generate(model, prompts, cfg)
+    assert plans == [3]
+    assert out.tokens == refs
+    assert out.stats.forward_passes == eager.stats.forward_passes
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    again = generate(model, prompts, cfg)
+    assert again.tokens == refs
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames  # nothing traced again
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is as it was
+
+
 @pytest.mark.parametrize("head_type", ["causal", "parallel"])  # parallel: the stacked heads compiled
 def test_compiled_decoding_equals_eager(head_type):
     """torch.compile'd decode steps (CUDA graphs on GPU; frozen weights and C++ GEMMs on CPU) give
@@ -391,6 +418,7 @@ def test_compiled_prepacked_decoding_equals_eager(monkeypatch):
     plans = []
     real = C.compile_plan
     monkeypatch.setattr(C, "compile_plan", lambda device, prepack=False: plans.append(prepack) or real(device, prepack))
+    monkeypatch.setattr(C, "uses_rowdot", lambda model, pack_weights: False)  # where rowdot is not built
     model = trained_copy("parallel")
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 12) for p in prompts]

@@ -91,8 +91,8 @@ def test_speculative_decoding_with_rowdot_equals_its_greedy_decoding(head_type, 
     plain = generate(model, prompts, GenerationConfig(max_new_tokens=24, pack_weights=False)).tokens
     n_linear = sum(type(m) is nn.Linear for m in model.modules())
     calls = []
-    real = rowdot._rowdot
-    monkeypatch.setattr(rowdot, "_rowdot", lambda *a: calls.append(1) or real(*a))
+    real = rowdot.rowdot
+    monkeypatch.setattr(rowdot, "rowdot", lambda *a: calls.append(1) or real(*a))
     with packed.packed_linears(model, kernel="rowdot") as n:
         assert n == n_linear
         greedy = generate(model, prompts, GenerationConfig(max_new_tokens=24, pack_weights=False)).tokens

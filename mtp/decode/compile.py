@@ -4,9 +4,11 @@ compiled decoders kept per model so that later calls reuse their graphs.
 On a GPU the step functions become CUDA graphs (`mode="reduce-overhead"`), the weights graph
 inputs. On a CPU they are compiled with CPU_COMPILE, the weights frozen into the compiled code as
 constants, and on a model big enough for decoding to be bound by reading its weights (the models
-the eager decoder packs, `mtp.decode.packed.will_pack`) with those weights prepacked by inductor
-into oneDNN's layout (`prepacks`). Either way one graph per (batch, k, length): attention always
-reads the whole cache.
+the eager decoder packs, `mtp.decode.packed.will_pack`) in float32 with the products of a step's
+2-16 rows on mtp's rowdot kernel (`mtp.decode.rowdot`; `with_rowdot`: inductor's GEMM kernels
+cost 1.65-1.76x one row's time for 4 rows on an Intel Xeon, rowdot about 1.1x), or else (bfloat16,
+or where rowdot does not build) with the weights prepacked by inductor into oneDNN's layout
+(`prepacks`). Either way one graph per (batch, k, length): attention always reads the whole cache.
 
 Compiled decoders are kept per model in a weak registry (`kept_decoders`), not on the model: a
 model's copies (`copy.deepcopy`, `state_dict`) carry none of them. A kept decoder is rebuilt
@@ -24,7 +26,7 @@ import torch
 from mtp.decode.cache import weights_key
 from mtp.decode.decoder import Decoder
 from mtp.decode.draft_vocab import draft_vocab_of
-from mtp.decode.packed import will_pack
+from mtp.decode.packed import rowdot_linears, uses_rowdot, will_pack
 
 if TYPE_CHECKING:
     from mtp.generate import GenerationConfig
@@ -85,9 +87,29 @@ def frozen(compiled: Callable) -> Callable:
     return call
 
 
+def with_rowdot(dec: Decoder, wrap: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    """wrap, with each call inside `rowdot_linears(dec.model)`: the graphs are traced (and later
+    called) with the model's products of 2-16 rows on mtp's rowdot kernel (mtp.decode.rowdot)."""
+    model_ref = dec._model  # weakly, as the decoder holds it
+
+    def wrap_rowdot(compiled: Callable) -> Callable:
+        inner = wrap(compiled)
+
+        def call(*args):
+            with rowdot_linears(model_ref()):
+                return inner(*args)
+        return call
+    return wrap_rowdot
+
+
 def compile_steps(dec: Decoder) -> Decoder:
-    """Compile dec's step functions (each compiles at its first call) by this device's plan."""
-    how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights))
+    """Compile dec's step functions (each compiles at its first call) by this device's plan: on a
+    CPU, for a float32 model too big for the cache, with the products of a step's few rows on
+    mtp's rowdot kernel (`uses_rowdot`) instead of prepacked for oneDNN."""
+    rowdot_plan = uses_rowdot(dec.model, dec.cfg.pack_weights)
+    how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights) and not rowdot_plan)
+    if rowdot_plan:
+        wrap = with_rowdot(dec, wrap)
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
     dec.weights = weights_key(dec.model) if weights_in else None

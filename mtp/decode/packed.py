@@ -256,6 +256,55 @@ def packed_linears(model: nn.Module, measured: bool = False, kernel: str = "pack
             del mod.forward
 
 
+# compiled decoding's kernels: rowdot for 2 to rowdot.MAX_ROWS rows; inductor's own for 1 row (its C++
+# GEMM template: on SmolLM2 a compiled greedy step took 27.3 ms with it, 31.9 with rowdot, whose
+# calls from the graph cost some 8 us each) and for more rows (a prefill)
+COMPILED_ROWDOT = Policy(None, {**{r: "rowdot" for r in ROWS if 1 < r <= rowdot.MAX_ROWS}, 1: "linear",
+                                max(ROWS): "linear"})
+# nn.Linear -> its forward under COMPILED_ROWDOT, built once per layer rather than at every step
+_rowdot_forwards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rowdot_forward(mod: nn.Linear):
+    ref = weakref.ref(mod)  # not the module: the registry's values must not keep its keys alive
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        m = ref()
+        if COMPILED_ROWDOT.kernel(x.numel() // x.shape[-1]) == "rowdot":
+            return rowdot.rowdot(x, m.weight, m.bias)
+        return F.linear(x, m.weight, m.bias)
+    forward.policy = COMPILED_ROWDOT
+    return forward
+
+
+def uses_rowdot(model: nn.Module, pack_weights: bool | None) -> bool:
+    """Whether compiled CPU decoding computes the model's products of 2 to rowdot.MAX_ROWS rows
+    with rowdot (`rowdot_linears`) instead of inductor's kernels: float32, where the eager decoder
+    would pack (a model too big for the cache, or --pack-weights on), and rowdot builds here."""
+    p = next(model.parameters())
+    wanted = pack_weights if pack_weights is not None else _linear_bytes(model) >= MIN_BYTES
+    return p.device.type == "cpu" and p.dtype == torch.float32 and bool(wanted) and rowdot.available()
+
+
+@contextlib.contextmanager
+def rowdot_linears(model: nn.Module) -> Iterator[None]:
+    """Within the block, every nn.Linear of `model` computes products of 2 to rowdot.MAX_ROWS rows
+    with rowdot (F.linear beyond; 1 row too: see COMPILED_ROWDOT), reading its weight at each call:
+    compiled step functions are traced and called within it (`mtp.decode.compile`)."""
+    swapped = []
+    try:
+        for mod in model.modules():
+            if type(mod) is nn.Linear and "forward" not in mod.__dict__:
+                if mod not in _rowdot_forwards:
+                    _rowdot_forwards[mod] = _rowdot_forward(mod)
+                mod.forward = _rowdot_forwards[mod]
+                swapped.append(mod)
+        yield
+    finally:
+        for mod in swapped:
+            del mod.forward
+
+
 def release(model: nn.Module) -> None:
     """Drop the packed copies kept for the model."""
     _packed_weights.pop(model, None)

@@ -1,4 +1,5 @@
-// Matrix products of a few rows against a big weight, for CPU decoding (mtp/decode/rowdot.py).
+// Matrix products of a few rows against a big weight, for CPU decoding (mtp/decode/rowdot.py):
+// the kernel, and the operator mtp::rowdot that calls it (loaded with torch.ops.load_library).
 //
 // y (M, N) = x (M, K) @ w (N, K)^T + b, float32, row-major and contiguous, M small (a decode
 // step's 1-16 tokens). The weight streams from memory once per call whatever M is (up to 16 rows
@@ -10,6 +11,11 @@
 // the results for a row do not depend on the other rows (a speculative step's tokens then equal
 // greedy decoding's to the bit).
 #include <immintrin.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #if defined(__AVX512F__)
 #define VW 16
@@ -86,12 +92,9 @@ static const block_fn NARROW[ROWS_MAX + 1] = {
     0, block<1, 1>, block<2, 1>, block<3, 1>, block<4, 1>, block<5, 1>, block<6, 1>, block<7, 1>, block<8, 1>,
     block<9, 1>, block<10, 1>, block<11, 1>, block<12, 1>, block<13, 1>, block<14, 1>, block<15, 1>, block<16, 1>};
 
-extern "C" int rowdot_rows_max() { return ROWS_MAX; }
-extern "C" int rowdot_vector_width() { return VW; }
-
 // y = x @ w^T (+ b): M rows in passes of up to ROWS_MAX, each pass split over `threads` threads
-extern "C" void rowdot(const float *x, const float *w, const float *b, float *y, long M, long K, long N,
-                       int threads) {
+static void rowdot_kernel(const float *x, const float *w, const float *b, float *y, long M, long K, long N,
+                          int threads) {
     for (long m0 = 0; m0 < M; m0 += ROWS_MAX) {
         const long mm = M - m0 < ROWS_MAX ? M - m0 : ROWS_MAX;
         const int R = WIDTH[mm];
@@ -106,3 +109,28 @@ extern "C" void rowdot(const float *x, const float *w, const float *b, float *y,
                 for (long n = 0; n < N; n++) ym[m * N + n] += b[n];
     }
 }
+
+// x (..., K) @ w (N, K)^T + b (N,) -> (..., N), float32 on the CPU
+static at::Tensor rowdot_cpu(const at::Tensor &x, const at::Tensor &w, const std::optional<at::Tensor> &b) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rowdot takes float32");
+    TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "rowdot: x and w do not fit");
+    const int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
+    // no reshape, no copy, no view where the inputs are contiguous (a decode step's always are):
+    // each costs a few microseconds, and a step makes some 200 of these calls
+    const at::Tensor xc = x.is_contiguous() ? x : x.contiguous(), wc = w.is_contiguous() ? w : w.contiguous();
+    at::Tensor bc;
+    if (b.has_value() && b->defined()) {
+        TORCH_CHECK(b->scalar_type() == at::kFloat && b->numel() == N, "rowdot: the bias does not fit");
+        bc = b->is_contiguous() ? *b : b->contiguous();
+    }
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = N;
+    at::Tensor y = at::empty(sizes, x.options());
+    if (M)
+        rowdot_kernel(xc.data_ptr<float>(), wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
+                      y.data_ptr<float>(), M, K, N, at::get_num_threads());
+    return y;
+}
+
+TORCH_LIBRARY(mtp, m) { m.def("rowdot(Tensor x, Tensor w, Tensor? b=None) -> Tensor"); }
+TORCH_LIBRARY_IMPL(mtp, CPU, m) { m.impl("rowdot", &rowdot_cpu); }

@@ -11,15 +11,14 @@ once for up to 16 rows of x, keeps every row's accumulators in registers and pre
 ahead, so it stays bound by memory for 1-16 rows. Each output is one dot product summed in a fixed
 order, so a row's result does not depend on the other rows: verifying k tokens gives, bit for bit,
 what k greedy steps would (tested). It is compiled once per machine at first use with the system's
-C++ compiler (`-O3 -march=native -fopenmp`, about 2 s; AVX2 + FMA or AVX-512 needed) into
-$MTP_CACHE/kernels (`mtp.data.default_cache_dir`), and called through ctypes as the custom op
-`mtp::rowdot`. Where it cannot be built (`available()` False, `unavailable_reason()` says why),
+C++ compiler against torch's headers (`-O3 -march=native -fopenmp`, some 10 s; AVX2 + FMA or
+AVX-512 needed) into $MTP_CACHE/kernels (`mtp.data.default_cache_dir`) and loaded as the operator
+`torch.ops.mtp.rowdot` (a call costs some 5 us eagerly and from a compiled graph alike). Where it cannot be built (`available()` False, `unavailable_reason()` says why),
 decoding uses the other kernels (mtp.decode.packed chooses among them per row count).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -32,7 +31,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("rowdot.cpp")
 MAX_ROWS = 16  # rows per pass over the weight (ROWS_MAX in rowdot.cpp); more rows take more passes
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 
 def _cpu_signature() -> str:
@@ -45,11 +44,20 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _torch_flags() -> list[str]:
+    """Compiler flags to build against this torch: its headers, its libraries, its C++ ABI."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ([f"-I{p}" for p in include_paths()] + [f"-L{p}" for p in library_paths()]
+            + [f"-Wl,-rpath,{p}" for p in library_paths()] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-lc10", "-ltorch_cpu"])
+
+
 def _library_path() -> Path:
     from mtp.data import default_cache_dir
 
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), _cpu_signature()]).encode()).hexdigest()
-    return default_cache_dir() / "kernels" / f"rowdot-{key[:16]}.so"
+    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS + _torch_flags()), torch.__version__, _cpu_signature()])
+    return default_cache_dir() / "kernels" / f"rowdot-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
@@ -60,73 +68,53 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), *_torch_flags()],
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(out, target)
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    """(the loaded library, None), or (None, why it is not available)."""
+def _load() -> str | None:
+    """Build (once per machine, some 10 s) and load the operator mtp::rowdot -> None, or why not."""
     if os.environ.get("MTP_ROWDOT", "1") == "0":
-        return None, "turned off by MTP_ROWDOT=0"
-    try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError) as e:
-        return None, str(e)
-    p, i64 = ctypes.c_void_p, ctypes.c_long
-    lib.rowdot.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]
-    lib.rowdot.restype = None
-    return lib, None
+        return "turned off by MTP_ROWDOT=0"
+    if not hasattr(torch.ops.mtp, "rowdot"):
+        try:
+            path = _library_path()
+            if not path.exists():
+                _build(path)
+            torch.ops.load_library(str(path))
+        except (OSError, RuntimeError) as e:
+            return str(e)
+        torch.library.register_fake("mtp::rowdot")(_rowdot_fake)
+    return None
+
+
+def _rowdot_fake(x, w, b=None):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def available() -> bool:
     """Whether the kernel is built (or builds now) and loads on this machine."""
-    return _library()[0] is not None
+    return _load() is None
 
 
 def unavailable_reason() -> str | None:
-    return _library()[1]
+    return _load()
 
 
 def rowdot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T + bias (N,), float32 on the CPU, as F.linear but with our
-    kernel. Eagerly a direct call (the custom op's dispatch costs some 15 us a call, a tenth of a
-    SmolLM2 product); traced by torch.compile, the custom op `mtp::rowdot`."""
-    if torch.compiler.is_compiling():
-        return rowdot_op(x, weight, bias)
-    return _rowdot(x, weight, bias)
-
-
-def _rowdot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    lib = _library()[0]
-    if lib is None:
-        raise RuntimeError(f"mtp's rowdot kernel is not available: {unavailable_reason()}")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"rowdot takes float32 CPU tensors, not {x.dtype} on {x.device.type}")
-    n, k = weight.shape
-    if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"rowdot: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"bias {None if bias is None else tuple(bias.shape)} do not fit")
-    rows = x.reshape(-1, k).contiguous()
-    w = weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0]:
-        lib.rowdot(rows.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                   rows.shape[0], k, n, torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], n)
-
-
-@torch.library.custom_op("mtp::rowdot", mutates_args=())
-def rowdot_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _rowdot(x, weight, bias)
-
-
-@rowdot_op.register_fake
-def _(x, weight, bias=None):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    kernel (the operator torch.ops.mtp.rowdot; torch.compile calls it from its graphs)."""
+    if not torch.compiler.is_compiling():  # checked once, at tracing, when compiled
+        if not available():
+            raise RuntimeError(f"mtp's rowdot kernel is not available: {unavailable_reason()}")
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"rowdot takes float32 CPU tensors, not {x.dtype} on {x.device.type}")
+        n, k = weight.shape
+        if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"rowdot: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                             f"bias {None if bias is None else tuple(bias.shape)} do not fit")
+    return torch.ops.mtp.rowdot(x, weight, bias)
