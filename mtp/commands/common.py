@@ -109,8 +109,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "inductor caches the graphs on disk)")
     p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
                    help="CPU: linear layers compute with weights prepacked for oneDNN (one more copy of them in "
-                        "memory); auto: for models with >= 64 MiB of linear weights, each product packed from the "
-                        "number of rows where it was measured faster on this CPU; on: every product")
+                        "memory) or mtp's rowdot kernel; auto: for models with >= 64 MiB of linear weights, each "
+                        "product with the kernel (F.linear, packed, rowdot) measured fastest on this CPU for its "
+                        "number of rows; on: every product packed; off: F.linear")
     p.add_argument("--tree", default=None, metavar="auto|SPEC",
                    help="verify a tree of the heads' top candidates per step instead of a chain (eager): auto "
                         "(chosen for this device from the heads' acceptance on held-out text and the step cost), "

@@ -89,7 +89,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16")
     p.add_argument("--pack-weights", choices=["auto", "on", "off"], default="auto",
-                   help="CPU: linear layers compute with weights prepacked for oneDNN (see mtp generate)")
+                   help="CPU: the kernel of the linear layers: F.linear, prepacked for oneDNN, or mtp's rowdot "
+                        "(see mtp generate)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info: one line per request)")
     p.set_defaults(func=cmd_serve)
