@@ -6,9 +6,9 @@ inputs. On a CPU they are compiled with CPU_COMPILE, the weights frozen into the
 constants, and on a model big enough for decoding to be bound by reading its weights (the models
 the eager decoder packs, `mtp.decode.packed.will_pack`) in float32 with the products of a step's
 2-16 rows on mtp's rowdot kernel (`mtp.decode.rowdot`; `with_rowdot`: inductor's GEMM kernels
-cost 1.65-1.76x one row's time for 4 rows on an Intel Xeon, rowdot about 1.1x), or else (bfloat16,
-or where rowdot does not build) with the weights prepacked by inductor into oneDNN's layout
-(`prepacks`). Either way one graph per (batch, k, length): attention always reads the whole cache.
+cost 1.65-1.76x one row's time for 4 rows on an Intel Xeon, rowdot about 1.1x) and the others
+with the weights prepacked by inductor into oneDNN's layout (`prepacks`; all of them in bfloat16,
+or where rowdot does not build). Either way one graph per (batch, k, length): attention always reads the whole cache.
 
 Compiled decoders are kept per model in a weak registry (`kept_decoders`), not on the model: a
 model's copies (`copy.deepcopy`, `state_dict`) carry none of them. A kept decoder is rebuilt
@@ -104,11 +104,12 @@ def with_rowdot(dec: Decoder, wrap: Callable[[Callable], Callable]) -> Callable[
 
 def compile_steps(dec: Decoder) -> Decoder:
     """Compile dec's step functions (each compiles at its first call) by this device's plan: on a
-    CPU, for a float32 model too big for the cache, with the products of a step's few rows on
-    mtp's rowdot kernel (`uses_rowdot`) instead of prepacked for oneDNN."""
-    rowdot_plan = uses_rowdot(dec.model, dec.cfg.pack_weights)
-    how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights) and not rowdot_plan)
-    if rowdot_plan:
+    CPU, for a float32 model too big for the cache, with the products of a step's 2-16 rows on
+    mtp's rowdot kernel (`uses_rowdot`) and the 1-row ones prepacked for oneDNN (without the
+    prepacking, the graphs compile in about half the time and cache on disk, but a greedy step of
+    SmolLM2 took 29-31 ms instead of 27-28)."""
+    how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights))
+    if uses_rowdot(dec.model, dec.cfg.pack_weights):
         wrap = with_rowdot(dec, wrap)
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
