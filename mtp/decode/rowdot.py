@@ -13,8 +13,9 @@ order, so a row's result does not depend on the other rows: verifying k tokens g
 what k greedy steps would (tested). It is compiled once per machine at first use with the system's
 C++ compiler against torch's headers (`-O3 -march=native -fopenmp`, some 10 s; AVX2 + FMA or
 AVX-512 needed) into $MTP_CACHE/kernels (`mtp.data.default_cache_dir`) and loaded as the operator
-`torch.ops.mtp.rowdot` (a call costs some 5 us eagerly and from a compiled graph alike). Where it cannot be built (`available()` False, `unavailable_reason()` says why),
-decoding uses the other kernels (mtp.decode.packed chooses among them per row count).
+`torch.ops.mtp.rowdot` (a call costs some 5 us eagerly and from a compiled graph alike). Where it
+cannot be built (`available()` False, `unavailable_reason()` says why), decoding uses the other
+kernels (mtp.decode.packed chooses among them per row count).
 """
 
 from __future__ import annotations
