@@ -8,7 +8,8 @@ the eager decoder packs, `mtp.decode.packed.will_pack`) in float32 with the prod
 2-16 rows on mtp's rowdot kernel (`mtp.decode.rowdot`; `with_rowdot`: inductor's GEMM kernels
 cost 1.65-1.76x one row's time for 4 rows on an Intel Xeon, rowdot about 1.1x) and the others
 with the weights prepacked by inductor into oneDNN's layout (`prepacks`; all of them in bfloat16,
-or where rowdot does not build). Either way one graph per (batch, k, length): attention always reads the whole cache.
+or where rowdot does not build). Either way one graph per (batch, k, length): attention always
+reads the whole cache.
 
 Compiled decoders are kept per model in a weak registry (`kept_decoders`), not on the model: a
 model's copies (`copy.deepcopy`, `state_dict`) carry none of them. A kept decoder is rebuilt

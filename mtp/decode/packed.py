@@ -134,14 +134,20 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _product(policy: "Policy", x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias with the kernel `policy` gives this many rows ("packed" needs `packed`)."""
+    kernel = policy.kernel(x.numel() // x.shape[-1])
+    if kernel == "packed":
+        return packed_matmul(x, packed, bias)
+    if kernel == "rowdot":
+        return rowdot.rowdot(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _forward(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, policy: "Policy"):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        kernel = policy.kernel(x.numel() // x.shape[-1])
-        if kernel == "packed":
-            return packed_matmul(x, packed, bias)
-        if kernel == "rowdot":
-            return rowdot.rowdot(x, weight, bias)
-        return F.linear(x, weight, bias)
+        return _product(policy, x, weight, bias, packed)
     forward.policy = policy
     return forward
 
@@ -270,9 +276,7 @@ def _rowdot_forward(mod: nn.Linear):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         m = ref()
-        if COMPILED_ROWDOT.kernel(x.numel() // x.shape[-1]) == "rowdot":
-            return rowdot.rowdot(x, m.weight, m.bias)
-        return F.linear(x, m.weight, m.bias)
+        return _product(COMPILED_ROWDOT, x, m.weight, m.bias)
     forward.policy = COMPILED_ROWDOT
     return forward
 
@@ -281,9 +285,8 @@ def uses_rowdot(model: nn.Module, pack_weights: bool | None) -> bool:
     """Whether compiled CPU decoding computes the model's products of 2 to rowdot.MAX_ROWS rows
     with rowdot (`rowdot_linears`) instead of inductor's kernels: float32, where the eager decoder
     would pack (a model too big for the cache, or --pack-weights on), and rowdot builds here."""
-    p = next(model.parameters())
-    wanted = pack_weights if pack_weights is not None else _linear_bytes(model) >= MIN_BYTES
-    return p.device.type == "cpu" and p.dtype == torch.float32 and bool(wanted) and rowdot.available()
+    return (next(model.parameters()).dtype == torch.float32 and will_pack(model, pack_weights)
+            and rowdot.available())
 
 
 @contextlib.contextmanager

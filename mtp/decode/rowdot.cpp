@@ -17,33 +17,32 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+#error "rowdot needs AVX2 and FMA, or AVX-512"
+#endif
+
+// the sum of 8 lanes, in a fixed order
+static inline float sum8(__m256 a) {
+    __m128 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    c = _mm_add_ps(c, _mm_movehl_ps(c, c));
+    c = _mm_add_ss(c, _mm_movehdup_ps(c));
+    return _mm_cvtss_f32(c);
+}
+
 #if defined(__AVX512F__)
 #define VW 16
 typedef __m512 V;
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(V v) {
-    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    __m128 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    c = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    c = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(c);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
+static inline float vsum(V v) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
+#else
 #define VW 8
 typedef __m256 V;
 static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vload(const float *p) { return _mm256_loadu_ps(p); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(V a) {
-    __m128 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    c = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    c = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(c);
-}
-#else
-#error "rowdot needs AVX2 and FMA, or AVX-512"
+static inline float vsum(V v) { return sum8(v); }
 #endif
 
 static const long PREFETCH_BLOCKS = 2;  // how far ahead the weight is prefetched, in blocks of R rows
