@@ -35,21 +35,27 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "induction_by_size"
 FIGURE = ROOT / "docs" / "figures" / "induction_by_size.png"
 
-DIMS = (64, 128, 256)  # 6 blocks, 4 attention heads: about 0.33M, 1.29M and 4.9M parameters
-SEEDS = (0, 1, 2)
+DIMS = (64, 96, 128, 256)  # 6 blocks, 4 attention heads: about 0.34M, 0.74M, 1.29M and 4.9M parameters
+SEEDS = {64: (0, 1, 2, 3, 4, 5)}  # seeds per size (default 0, 1, 2): more where the outcome varies most
+N4_DIM = 128  # n = 4 is trained at this size as well (the largest one that fits a session)
 FORMED = 0.5  # induction accuracy from which a run counts as having formed the copying mechanism
 TRAIN = ["--n-layers", "6", "--n-heads", "4", "--max-seq-len", "256", "--seq-len", "256", "--batch-size", "8",
          "--steps", "2500", "--lr", "2e-3", "--warmup", "100", "--eval-every", "100", "--save-every", "250",
          "--log-every", "25"]
 
 
-def sweep_argv(dim: int, ns: str, seeds=SEEDS) -> list[str]:
+def seeds_of(dim: int) -> tuple[int, ...]:
+    return SEEDS.get(dim, (0, 1, 2))
+
+
+def sweep_argv(dim: int, ns: str) -> list[str]:
+    # the task's data is written with seed 1000 + the first seed: every list starts at 0
     return ["sweep", "--task", "induction", "--out", str(OUT / f"d{dim}"), "--n", ns, "--dim", str(dim),
-            "--seeds", ",".join(map(str, seeds)), *TRAIN]
+            "--seeds", ",".join(map(str, seeds_of(dim))), *TRAIN]
 
 
 def plan() -> list[tuple[int, str]]:
-    return [(d, "1,2,4" if d == DIMS[-1] else "1,2") for d in DIMS]
+    return [(d, "1,2,4" if d in (N4_DIM, DIMS[-1]) else "1,2") for d in DIMS]
 
 
 def t_quantile(p: float, df: int) -> float:

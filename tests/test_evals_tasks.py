@@ -303,3 +303,23 @@ def test_tasks_make_command(tmp_path, capsys):
     assert "5 documents" in text and "train.jsonl" in text
     assert len((out / "train.jsonl").read_text().splitlines()) == 5
     assert main(["tasks", "make", "induction", "--out", str(tmp_path / "ind"), "--n-train", "0"]) == 2
+
+
+def test_tasks_make_polyarith_settings(tmp_path, capsys):
+    out = tmp_path / "pa"
+    assert main(["tasks", "make", "polyarith", "--out", str(out), "--n-train", "40", "--n-eval", "3",
+                 "--train-max-m", "2", "--eval-max-m", "4", "--m-weights", "uniform", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["settings"]["train_max_m"] == 2 and summary["settings"]["train_m_weights"] == "uniform"
+    train = [json.loads(x)["text"] for x in (out / "train.jsonl").read_text().splitlines()]
+    assert train == [ex["text"] for ex in pa.train_examples(40, 0, max_m=2, m_weights="uniform")]
+    held = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert sorted({r["m"] for r in held}) == [1, 2, 3, 4] and len(held) == 12
+    # the evaluation splits in and out of domain at the training range written in task.json
+    examples, settings = pa.load_examples(EvalOptions(data=str(out)), 1, 4)
+    scored = pa.score(examples, [r["result"] if r["m"] <= 2 else "" for r in examples], settings["train_max_m"])
+    assert scored["metrics"]["in_domain"] == 1.0 and scored["metrics"]["out_of_domain"] == 0.0
+    # polyarith's options are refused for induction, with one clear line
+    assert main(["tasks", "make", "induction", "--out", str(tmp_path / "ind"), "--train-max-m", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-max-m" in err and len(err.strip().splitlines()) == 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from mtp.commands.common import Parser, emit
+from mtp.errors import MTPError
 from mtp.evals.taskdata import TASK_NAMES, make_corpus
 
 
@@ -11,8 +12,14 @@ def cmd_tasks_make(args) -> int:
     from mtp.fileio import check_writable
 
     check_writable(args.out, "--out", directory=True)  # before the documents are made
+    settings = {}
+    for key in ("train_max_m", "eval_max_m", "m_weights"):
+        if getattr(args, key) is not None:
+            if args.task != "polyarith":
+                raise MTPError(f"--{key.replace('_', '-')} is an option of polyarith, not of {args.task}")
+            settings[key] = getattr(args, key)
     summary = make_corpus(args.task, args.out, n_train=args.n_train, seed=args.seed, n_eval=args.n_eval,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, **settings)
     lines = [f"wrote the {args.task} task to {summary['out']}"]
     lines.append(f"  train.jsonl  {summary['n_train']} documents, {summary['train_characters']:,} characters "
                  f"(seed {summary['seed']})")
@@ -35,6 +42,12 @@ def add_parser(sub) -> None:
                     help="training documents (default: induction 20000 stories, polyarith 100000 examples)")
     mp.add_argument("--n-eval", type=int, default=None,
                     help="held-out stories (induction, default 200) or examples per m (polyarith, default 200)")
+    mp.add_argument("--train-max-m", type=int, default=None,
+                    help="polyarith: training expressions have 1..M operations (default 5); held-out ones above M "
+                         "are out of domain")
+    mp.add_argument("--eval-max-m", type=int, default=None, help="polyarith: held-out m up to this (default 10)")
+    mp.add_argument("--m-weights", choices=("inverse", "uniform"), default=None,
+                    help="polyarith: m drawn in proportion to 1/m (default) or uniformly")
     mp.add_argument("--seed", type=int, default=0, help="training seed (the held-out set has its own)")
     mp.add_argument("--overwrite", action="store_true", help="replace the task files in a non-empty --out")
     mp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
