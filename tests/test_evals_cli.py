@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -150,6 +151,22 @@ def test_sweep_end_to_end_and_resume(capsys, corpus, tmp_path):
     res3 = json.loads(out3)
     assert [r["metrics"] for r in res3["runs"]] == [r["metrics"] for r in res["runs"]]
     assert [r["decode"] for r in res3["runs"]] == [r["decode"] for r in res["runs"]]
+    # a run recorded by an older version, whose model config lacks a field added since (at its
+    # default), still counts as done; one with another value of that field does not
+    summary_file = out_dir / "n1_s0" / "run.summary.json"
+    row = json.loads(summary_file.read_text())
+    assert row["model"].pop("draft_vocab") is None
+    summary_file.write_text(json.dumps(row))
+    code, out5, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert not (out_dir / "n1_s0" / "checkpoint").exists() and json.loads(out5)["runs"][0]["metrics"] == res["runs"][0]["metrics"]
+    from mtp.config import ModelConfig
+    from mtp.evals.sweep import TrainConfig, _recorded
+    mcfg = ModelConfig.from_dict(row["model"])
+    tcfg = TrainConfig(corpus=[corpus], out=str(out_dir / "n1_s0"), steps=6)
+    assert _recorded(out_dir / "n1_s0", mcfg, tcfg) is not None
+    assert _recorded(out_dir / "n1_s0", dataclasses.replace(mcfg, draft_vocab=list(range(64))), tcfg) is None
+    assert _recorded(out_dir / "n1_s0", mcfg, dataclasses.replace(tcfg, steps=7)) is None
     # more steps asked: the recorded row no longer counts, and a run stopped part way resumes
     # from its checkpoint (the steps already logged are not trained again)
     def resumable(steps):

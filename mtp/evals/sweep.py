@@ -128,10 +128,10 @@ def _recorded(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> dict | Non
     with this model config and this many steps (and its metrics.jsonl is there for the plots)."""
     try:
         row = json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, ValueError):
+        recorded = ModelConfig.from_dict(row["model"])  # fields added since then take their defaults
+    except (OSError, ValueError, KeyError, TypeError, MTPError):
         return None
-    if (row.get("model") != mcfg.to_dict() or row.get("steps") != tcfg.steps
-            or not (run_dir / "metrics.jsonl").exists()):
+    if recorded != mcfg or row.get("steps") != tcfg.steps or not (run_dir / "metrics.jsonl").exists():
         return None
     row["run_dir"] = str(run_dir)  # where the sweep is now
     return row
