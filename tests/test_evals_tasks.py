@@ -111,17 +111,25 @@ def test_polyarith_generator_deterministic_and_disjoint():
 def test_polyarith_scoring_oracle():
     exs = pa.eval_examples(5, max_m=8)
     right = pa.score(exs, [ex["result"] + "\n" for ex in exs])
-    assert right["metrics"] == {"accuracy": 1.0, "in_domain": 1.0, "out_of_domain": 1.0}
+    assert right["metrics"] == {"accuracy": 1.0, "digit_accuracy": 1.0, "in_domain": 1.0, "out_of_domain": 1.0}
     assert right["by_name"] == "m" and list(right["by"]) == [str(m) for m in range(1, 9)]
     assert all(row == {"accuracy": 1.0, "n": 5} for row in right["by"].values())
-    # wrong: a changed digit, a missing digit, extra text on the line
+    ops = [pa.top_op(ex["expr"]) for ex in exs]
+    assert set(right["by_op"]) == set(ops) <= {"neg", "add", "mul", "comp"}
+    assert {op: row["n"] for op, row in right["by_op"].items()} == {op: ops.count(op) for op in set(ops)}
+    # wrong: a changed digit (the constant: 4 of 5 coefficients right), a missing digit, extra text
     wrong = [pa.to_text(pa.add(pa.parse_expr(ex["result"]), pa.ONE)) for ex in exs]
     assert pa.score(exs, wrong)["metrics"]["accuracy"] == 0.0
+    assert pa.score(exs, wrong)["metrics"]["digit_accuracy"] == pytest.approx(0.8)
     assert pa.score(exs, [ex["result"][:-1] for ex in exs])["metrics"]["accuracy"] == 0.0
     assert pa.score(exs, [ex["result"] + "0\n" for ex in exs])["metrics"]["accuracy"] == 0.0
-    # right in domain only
+    # right in domain only; by operation, right where the outermost one is negation only
     mixed = pa.score(exs, [ex["result"] if ex["m"] <= 5 else "x" for ex in exs])
-    assert mixed["metrics"] == {"accuracy": 25 / 40, "in_domain": 1.0, "out_of_domain": 0.0}
+    assert mixed["metrics"] == {"accuracy": 25 / 40, "digit_accuracy": 25 / 40, "in_domain": 1.0,
+                                "out_of_domain": 0.0}
+    by_neg = pa.score(exs, [ex["result"] if op == "neg" else "" for ex, op in zip(exs, ops)])["by_op"]
+    assert all(row["accuracy"] == (op == "neg") for op, row in by_neg.items())
+    assert pa.top_op("(12300+40010)@(-03000)") == "comp" and pa.top_op("-(12300*40010)") == "neg"
 
 
 def test_polyarith_evaluate_tiny_model(tiny_model, tmp_path):
@@ -129,7 +137,7 @@ def test_polyarith_evaluate_tiny_model(tiny_model, tmp_path):
     opts = EvalOptions(limit=3, batch_size=8, extra={"max_m": 7})
     res = run_task("polyarith", tiny_model, tok, opts, progress=False)
     assert res["task"] == "polyarith" and res["n_problems"] == 21
-    assert set(res["metrics"]) == {"accuracy", "in_domain", "out_of_domain"}
+    assert set(res["metrics"]) == {"accuracy", "digit_accuracy", "in_domain", "out_of_domain"}
     assert all(0.0 <= v <= 1.0 for v in res["metrics"].values())
     assert res["by_name"] == "m" and list(res["by"]) == [str(m) for m in range(1, 8)]
     assert all(row["n"] == 3 for row in res["by"].values())

@@ -241,12 +241,22 @@ def completion_answer(completion: str) -> str:
     return completion.split("\n", 1)[0]
 
 
+def top_op(expr: str) -> str:
+    """The outermost operation of a formatted expression (neg, add, mul, comp; leaf for none)."""
+    e = parse_expr(expr)
+    return "leaf" if is_leaf(e) else e[0]
+
+
 def score(examples: Sequence[dict], completions: Sequence[str], train_max_m: int = TRAIN_MAX_M) -> dict:
     """Exact-match results of completions (the text after "EXPR=") for the examples: metrics
-    (accuracy; in_domain, m <= train_max_m; out_of_domain, m above it) and a breakdown by m."""
+    (accuracy; in_domain, m <= train_max_m; out_of_domain, m above it; digit_accuracy, the share of
+    result coefficients right in place, where 1/7 is chance) and breakdowns by m and by the outermost
+    operation."""
     if len(examples) != len(completions):
         raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
     by: dict[int, list[int]] = {}
+    by_op: dict[str, list[int]] = {}
+    digits = []  # per example: the share of the result's coefficients given right, in place
     details = []
     for ex, c in zip(examples, completions):
         got = completion_answer(c)
@@ -254,6 +264,11 @@ def score(examples: Sequence[dict], completions: Sequence[str], train_max_m: int
         by.setdefault(ex["m"], [0, 0])
         by[ex["m"]][0] += ok
         by[ex["m"]][1] += 1
+        op = top_op(ex["expr"])
+        by_op.setdefault(op, [0, 0])
+        by_op[op][0] += ok
+        by_op[op][1] += 1
+        digits.append(sum(a == b for a, b in zip(got, ex["result"])) / len(ex["result"]))
         details.append({"m": ex["m"], "expr": ex["expr"], "expected": ex["result"], "got": got, "correct": ok})
 
     def mean(ms) -> float | None:
@@ -262,7 +277,7 @@ def score(examples: Sequence[dict], completions: Sequence[str], train_max_m: int
         return right / total if total else None
 
     ms = sorted(by)
-    metrics = {"accuracy": mean(ms)}
+    metrics = {"accuracy": mean(ms), "digit_accuracy": sum(digits) / len(digits) if digits else None}
     for name, group in (("in_domain", [m for m in ms if m <= train_max_m]),
                         ("out_of_domain", [m for m in ms if m > train_max_m])):
         if group:
@@ -272,6 +287,7 @@ def score(examples: Sequence[dict], completions: Sequence[str], train_max_m: int
         "n_problems": len(examples),
         "by": {str(m): {"accuracy": by[m][0] / by[m][1], "n": by[m][1]} for m in ms},
         "by_name": "m",
+        "by_op": {op: {"accuracy": r / n, "n": n} for op, (r, n) in sorted(by_op.items())},
         "details": details,
     }
 
