@@ -11,7 +11,9 @@ run, batch 1, on held-out code and on natural-language prompts:
   transformers lookup     transformers' prompt lookup decoding (n-gram drafts from the prompt)
   llama.cpp f32           llama-cpp-python on a float32 GGUF of the same weights
   llama.cpp f32 lookup    llama-cpp-python's prompt lookup draft model, same GGUF
-  llama.cpp <quant>       llama-cpp-python on the original quantised GGUF (not the same weights)
+  llama.cpp <quant>       llama-cpp-python on the original quantised GGUF (not the same weights);
+                          "<quant>, no repack" where its repacked CPU kernels crash (probed in a
+                          child process): the row then runs on its plain kernels
 
   mtp ..., compiled       (--compile) our greedy and chain rows compiled as `--compile` decodes
                           (mtp.decode.compile; the compile time is spent in a warm-up, not timed)
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,6 +88,38 @@ def f32_gguf(src: Path, dst: Path) -> Path:
     writer.close()
     os.replace(tmp, dst)
     return dst
+
+
+def llama_repack_works(path: Path) -> bool:
+    """Whether llama.cpp decodes the GGUF with its extra CPU buffer types (weights repacked for
+    its AVX-512 / AMX kernels) without crashing. Tried in a child process, since the failure is a
+    segmentation fault: on the Sapphire Rapids Xeon of 2026-12 (llama-cpp-python 0.3.36) the
+    Q4_1 GGUF crashes there at its first token, and runs without them."""
+    probe = ("import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=1, verbose=False); "
+             "next(iter(llm.generate([1, 2, 3], top_k=1, temp=0.0)))")
+    try:
+        return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, timeout=600).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def llama_without_repack(make):
+    """make() with llama.cpp's extra CPU buffer types off (`use_extra_bufts`, which
+    llama-cpp-python's constructor does not expose): its plain kernels for quantised weights."""
+    import llama_cpp.llama as module
+
+    defaults = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        return make()
+    finally:
+        module.llama_cpp.llama_model_default_params = defaults
 
 
 def timed(fn, prompts, name: str) -> Row:
@@ -203,7 +238,12 @@ def main() -> None:
                     f32, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=args.lookup_tokens))
             quant = base.stem.rsplit(".", 1)[-1]
             if wanted(f"llama.cpp {quant}"):
-                llamas[f"llama.cpp {quant}"] = mk(base)
+                if llama_repack_works(base):
+                    llamas[f"llama.cpp {quant}"] = mk(base)
+                else:
+                    print(f"llama.cpp {quant}: its repacked CPU kernels crash on this machine; "
+                          "the row runs without them (use_extra_bufts off)", file=sys.stderr)
+                    llamas[f"llama.cpp {quant}, no repack"] = llama_without_repack(lambda: mk(base))
 
     def llama_run(llm):
         def run(p):
