@@ -158,7 +158,8 @@ def check_bench_args(model, batch_sizes: Sequence[int], ks: Sequence[int] | None
 def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,), ks: Sequence[int] | None = None,
               max_new_tokens: int = 128, compile: bool = False, hf: bool = False, log=None, repeats: int = 3,
               pack_weights: bool | None = None, tree=None, tree_texts: Sequence[Sequence[int]] | None = None,
-              tree_max_nodes: int = 32, draft_vocab: Sequence[int] | None = None) -> dict:
+              tree_max_nodes: int = 32, draft_vocab: Sequence[int] | None = None, lookup: int = 0,
+              lookup_ngram: int = 3) -> dict:
     """Greedy and speculative tokens/s for each batch size and k, over every prompt in batches of
     that size, each the best of `repeats` timed runs after a warm-up (the fastest run is the one
     least disturbed by the machine; the settings take turns within each round).
@@ -167,6 +168,8 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     step cost measured here, mtp.decode.tree.auto_tree).
     draft_vocab: the token ids the heads draft among in every speculative setting
     (mtp.decode.draft_vocab); None: the whole vocabulary.
+    lookup: also prompt lookup drafts of up to this many tokens (mtp.decode.lookup) beside the
+    heads of each k, and alone (k = 1), in the same rounds; rows with "lookup": N.
     Returns {"results": [...], ...}."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     ks = check_bench_args(model, batch_sizes, ks)
@@ -190,8 +193,11 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=t, pack_weights=pack_weights,
                                    draft_vocab=draft_vocab)
             return _sum_passes([generate(model, batch, cfg) for batch in batches], t.depth + 1)
+        looked = isinstance(k, tuple)  # ("lookup", k): prompt lookup beside k heads
+        k = k[1] if looked else k
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, speculative=k, compile=compile, pack_weights=pack_weights,
-                               draft_vocab=draft_vocab if k > 1 else None)
+                               draft_vocab=draft_vocab if k > 1 else None, lookup=lookup if looked else 0,
+                               lookup_ngram=lookup_ngram)
         return _sum_passes([generate(model, batch, cfg) for batch in batches], k)
 
     def hf_run(batches):
@@ -201,7 +207,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
     results = []
     for b in batch_sizes:
         batches = _batches(prompts, b)
-        settings = [1, *ks]
+        settings = [1, *ks] + ([("lookup", k) for k in (1, *ks)] if lookup else [])
         if tree is not None:
             chosen[b] = _tree_choice(model, tree, tree_texts, b, tree_max_nodes, pack_weights, log)
             if chosen[b].tree.size:
@@ -229,25 +235,27 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
                       "hf_identical": hf_tokens == greedy.tokens}
             log(f"batch {b}: transformers greedy {hf_row['hf_greedy_tok_s']:,.0f} tok/s, "
                 f"same tokens as ours: {hf_row['hf_identical']}")
-        for k in ks:
+        for k in [*ks, *(s for s in settings if isinstance(s, tuple))]:
             s = max(timed[k], key=lambda r: r.tokens_per_s)
+            name = f"k={k}" if isinstance(k, int) else f"k={k[1]} + lookup {lookup}"
             results.append({
-                **row, "k": k, "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.tokens_per_s,
+                **row, "k": k if isinstance(k, int) else k[1], **({} if isinstance(k, int) else {"lookup": lookup}),
+                "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.tokens_per_s,
                 "tokens_per_forward": s.tokens_per_forward, "acceptance_by_head": s.acceptance_by_head,
                 # a speculative step's time over a greedy step's: the tokens per forward it must beat
                 "step_cost": (s.seconds / s.forward_passes) / greedy_step,
                 "identical": s.tokens == greedy.tokens, **(hf_row if hf_model is not None else {}),
             })
-            log(f"batch {b}, k={k}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
+            log(f"batch {b}, {name}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
                 f"{s.tokens_per_forward:.2f} tokens/forward, a step costs {results[-1]['step_cost']:.2f} greedy steps, "
                 f"identical: {results[-1]['identical']}")
-            if b in chosen and chosen[b].acceptance:  # what the measured acceptance expects of the chain
+            if b in chosen and chosen[b].acceptance and isinstance(k, int):  # what the acceptance expects of the chain
                 from mtp.decode.tree import Tree
 
                 results[-1]["tokens_per_forward_expected"] = Tree.chain(k - 1).expected_tokens(chosen[b].acceptance)
         if b in chosen:
             results.append(_tree_row(row, chosen[b], timed.get("tree"), greedy, greedy_step,
-                                     [r for r in results if r["batch_size"] == b]))
+                                     [r for r in results if r["batch_size"] == b and "lookup" not in r]))
             log(_tree_line(results[-1]))
     return {"max_new_tokens": max_new_tokens, "n_prompts": len(prompts),
             "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
@@ -324,6 +332,8 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         acc = " / ".join(f"{a:.2f}" for a in r["acceptance_by_head"])
         k = r["k"] if "tree" not in r else f"tree {r['tree_nodes']} nodes"
+        if "lookup" in r:
+            k = f"{k} + lookup {r['lookup']}"
         tpf = f"{r['tokens_per_forward']:.2f}"
         if r.get("tokens_per_forward_expected") is not None:  # with a tree: what acceptance expects
             tpf += f" (exp. {r['tokens_per_forward_expected']:.2f})"

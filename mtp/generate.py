@@ -60,6 +60,11 @@ class GenerationConfig:
     # the token ids the heads draft among (mtp.decode.draft_vocab; e.g. a corpus's most frequent
     # tokens); None: the whole vocabulary. The verifier always reads the whole vocabulary.
     draft_vocab: Sequence[int] | None = None
+    # prompt lookup (greedy; mtp.decode.lookup): a row whose last lookup_ngram..2 tokens occurred
+    # before is fed up to this many tokens that followed them there instead of its heads' drafts
+    # (0: off; with k = 1, plain prompt lookup decoding)
+    lookup: int = 0
+    lookup_ngram: int = 3
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -78,6 +83,15 @@ class GenerationConfig:
             raise MTPError(f"kv_bucket must be at least 1, got {self.kv_bucket}")
         if self.tree is not None and self.compile:
             raise MTPError("tree decoding runs eagerly: drop --compile to use --tree")
+        if self.lookup < 0:
+            raise MTPError(f"--lookup must be at least 0, got {self.lookup}")
+        if self.lookup:
+            if self.lookup_ngram < 2:
+                raise MTPError(f"--lookup-ngram must be at least 2, got {self.lookup_ngram}")
+            if self.tree is not None:
+                raise MTPError("--lookup drafts a chain: it cannot be combined with --tree")
+            if not self.greedy:
+                raise MTPError("--lookup is greedy decoding: drop --temperature")
 
     @property
     def greedy(self) -> bool:
@@ -162,6 +176,9 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     if cfg.stop and tokenizer is None:
         raise MTPError("stop strings need a tokenizer to decode the output")
     k = resolve_k(model, cfg.speculative)
+    if cfg.lookup and k > 1 and model.graph.is_sequential:
+        raise MTPError("--lookup drafts beside parallel-type heads; sequential heads draft depth by depth: "
+                       "use --speculative 1 for prompt lookup alone")
     tree = None
     if cfg.tree is not None:
         from mtp.decode.tree import resolve_tree
@@ -208,7 +225,7 @@ def _emit(rows: list[_Row], step: StepResult, cfg: GenerationConfig, tokenizer, 
 
 def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree=None) -> GenerationOutput:
     B, T0 = len(prompts), max(lens)
-    room = k if tree is None else max(k, tree.size + 1)  # room for the last step's drafts (or tree)
+    room = max(k, 1 + cfg.lookup) if tree is None else max(k, tree.size + 1)  # the last step's drafts (or tree)
     dec = decoder_for(model, k, B, T0 + max(budgets) + room, cfg)
     dev = dec.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -219,6 +236,10 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree=No
         from mtp.decode.tree import TreeSteps
 
         steps = TreeSteps(dec, tree)
+    elif cfg.lookup:
+        from mtp.decode.lookup import LookupSteps
+
+        steps = LookupSteps(dec, lambda b: [*prompts[b], *rows[b].tokens], cfg.lookup, cfg.lookup_ngram)
     else:
         steps = ChainSteps(dec, prompt_window=T0)
 

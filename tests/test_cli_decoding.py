@@ -190,3 +190,32 @@ def test_bench_bad_input(capsys, ckpt):
                         [["--prompt-len", "90", "--max-new-tokens", "10"], "exceed the model's context of 96"]):
         code, out, err = run_cli(capsys, "bench", path, *argv)
         assert code == 2 and match in err, err
+
+
+def test_generate_and_bench_with_prompt_lookup(capsys, ckpt):
+    """--lookup: the greedy tokens, in fewer forward passes on a prompt that repeats itself; bench
+    adds the lookup settings (alone and beside each k) to the chains, every one identical."""
+    path, model = ckpt
+    tok = ByteTokenizer()
+    prompt = "def f(x):\n    return x + 1\ndef f(x):\n    return x + 1\ndef f(x):\n"
+    ref = generate(model, [tok.encode(prompt)], GenerationConfig(max_new_tokens=24, speculative=1))
+    for k in ("1", "3"):
+        code, out, err = run_cli(capsys, "generate", path, "--prompt", prompt, "--max-new-tokens", "24",
+                                 "--speculative", k, "--lookup", "8", "--json")
+        assert code == 0, err
+        res = json.loads(out)
+        assert res["tokens"] == ref.tokens[0]
+    code, out, err = run_cli(capsys, "generate", path, "--prompt", prompt, "--lookup", "4", "--temperature", "0.5")
+    assert code == 2 and "greedy" in err
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1,2", "--max-new-tokens", "12",
+                             "--prompt-len", "24", "--n-prompts", "2", "--repeats", "1", "--k", "3",
+                             "--lookup", "6", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [(r["batch_size"], r["k"], r.get("lookup")) for r in rows] == [
+        (1, 3, None), (1, 1, 6), (1, 3, 6), (2, 3, None), (2, 1, 6), (2, 3, 6)]
+    assert all(r["identical"] for r in rows)
+    code, out, err = run_cli(capsys, "bench", path, "--batch-sizes", "1", "--max-new-tokens", "8",
+                             "--prompt-len", "24", "--n-prompts", "1", "--repeats", "1", "--k", "2", "--lookup", "4")
+    assert code == 0, err
+    assert "| 1 | 1 + lookup 4 |" in out and "| 1 | 2 + lookup 4 |" in out

@@ -71,7 +71,8 @@ def cmd_bench(args) -> int:
     report = run_bench(model, prompts, batch_sizes, ks, max_new, compile=args.compile, hf=args.hf,
                        pack_weights=PACK_WEIGHTS[args.pack_weights],
                        log=(lambda m: None) if args.json else None, repeats=args.repeats,
-                       tree=args.tree, tree_texts=texts, tree_max_nodes=args.tree_max_nodes, draft_vocab=draft_vocab)
+                       tree=args.tree, tree_texts=texts, tree_max_nodes=args.tree_max_nodes, draft_vocab=draft_vocab,
+                       lookup=args.lookup, lookup_ngram=args.lookup_ngram)
     report = {"checkpoint": str(meta["path"]), "prompts": source, **report}
     if args.plot:
         from mtp.plots import plot_decoding

@@ -118,6 +118,13 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                         "or rank paths like '0;1;0,0;0,1' (head 2's top two, head 3's top two after head 2's "
                         "first), or chain:D")
     p.add_argument("--tree-max-nodes", type=int, default=32, help="--tree auto: at most this many nodes")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="greedy: prompt lookup beside the heads: a row whose last tokens occurred before in its "
+                        "prompt or output is fed up to N tokens that followed them there instead of its heads' "
+                        "drafts (with --speculative 1: prompt lookup alone); output as greedy. mtp bench: adds "
+                        "these settings beside the chains")
+    p.add_argument("--lookup-ngram", type=int, default=3, metavar="N",
+                   help="--lookup: match the last N..2 tokens (default 3)")
     p.add_argument("--json", action="store_true")
 
 

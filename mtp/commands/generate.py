@@ -42,7 +42,8 @@ def _gen_config(args, tok):
                             top_p=args.top_p, seed=args.seed, speculative=args.speculative,
                             eot_id=getattr(tok, "eot_id", None), stop=tuple(args.stop or ()), compile=args.compile,
                             pack_weights=PACK_WEIGHTS[args.pack_weights],
-                            tree=None if args.tree in (None, "auto") else args.tree)
+                            tree=None if args.tree in (None, "auto") else args.tree, lookup=args.lookup,
+                            lookup_ngram=args.lookup_ngram)
 
 
 def _auto_tree(args, model, tok, meta, batch: int):

@@ -225,11 +225,12 @@ class Decoder:
     # ---- the fused greedy step (parallel-type heads) --------------------------------------
     def greedy_step(self, fed: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """A whole greedy step of parallel-type heads in one function (one graph when compiled):
-        fed (B, k) = each row's last token and its k - 1 drafts -> the tokens to commit (B, k;
-        the first n_accepted + 1 of each row), n_accepted (B,), and the next drafts (B, k - 1)."""
+        fed (B, T) = each row's last token and its T - 1 drafts (the heads' k - 1, or a prompt
+        lookup's: mtp.decode.lookup) -> the tokens to commit (B, T; the first n_accepted + 1 of
+        each row), n_accepted (B,), and the heads' next drafts (B, k - 1; None where k = 1)."""
         h, extra = self.forward(fed, positions, kv_len)
         new, n_accepted = greedy_accept(self.model.logits(h).argmax(-1), fed[:, 1:])
-        drafts = self.parallel_drafts(extra, n_accepted)[0] if fed.shape[1] > 1 else None
+        drafts = self.parallel_drafts(extra, n_accepted)[0] if self.k > 1 else None
         return new, n_accepted, drafts
 
     def greedy_round(self, kv_len: int, eot_id: int | None) -> torch.Tensor:
