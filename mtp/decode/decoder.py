@@ -227,10 +227,11 @@ class Decoder:
         """A whole greedy step of parallel-type heads in one function (one graph when compiled):
         fed (B, T) = each row's last token and its T - 1 drafts (the heads' k - 1, or a prompt
         lookup's: mtp.decode.lookup) -> the tokens to commit (B, T; the first n_accepted + 1 of
-        each row), n_accepted (B,), and the heads' next drafts (B, k - 1; None where k = 1)."""
+        each row), n_accepted (B,), and the heads' next drafts (B, k - 1; None where k = 1 or
+        the heads are sequential: they draft before the step)."""
         h, extra = self.forward(fed, positions, kv_len)
         new, n_accepted = greedy_accept(self.model.logits(h).argmax(-1), fed[:, 1:])
-        drafts = self.parallel_drafts(extra, n_accepted)[0] if self.k > 1 else None
+        drafts = self.parallel_drafts(extra, n_accepted)[0] if self.k > 1 and not self.sequential else None
         return new, n_accepted, drafts
 
     def greedy_round(self, kv_len: int, eot_id: int | None) -> torch.Tensor:

@@ -8,10 +8,11 @@ and propose the up to `lookup` tokens that followed it there. Such a draft can b
 than the heads' k - 1 tokens, and where the text repeats it is right for its whole length.
 
 `LookupSteps` combines both: each step, a row whose last n-gram occurred before is fed that
-continuation; any other row is fed its heads' drafts from the previous step (none with k = 1:
-plain prompt lookup). One forward pass verifies either, the same greedy acceptance commits the
-longest matching prefix plus the verifier's token, and the same pass leaves the heads' next
-drafts. Greedy only: the output is plain greedy decoding's, token for token.
+continuation; any other row is fed its heads' drafts (none with k = 1: plain prompt lookup).
+One forward pass verifies either, and the same greedy acceptance commits the longest matching
+prefix plus the verifier's token. Parallel-type heads' next drafts come from that same pass;
+sequential heads draft before a step, and only when some row found no lookup draft. Greedy
+only: the output is plain greedy decoding's, token for token.
 
 Eagerly a step feeds each batch exactly its longest draft; compiled, it feeds a fixed width (the
 heads' k, or 1 + `lookup` for a lookup step: padded drafts are verified like any other and simply
@@ -51,37 +52,62 @@ def lookup_draft(tokens: Sequence[int] | np.ndarray, max_tokens: int, max_ngram:
 class LookupSteps:
     """The greedy decode steps of one generate() call with prompt-lookup drafts (see the module
     docstring): `start` after the prefill, then `advance` once per decode step. history(b) gives
-    row b's tokens so far (its prompt and its committed output) on the host."""
+    row b's tokens so far (its prompt and its committed output) on the host.
 
-    def __init__(self, dec: Decoder, history: Callable[[int], Sequence[int]], lookup: int, max_ngram: int):
-        if not dec.cfg.greedy or dec.sequential:
-            raise ValueError("lookup steps are greedy steps of parallel-type heads")
+    Sequential heads draft depth by depth before the verification, from the last position the
+    verifier has read, and only when some row has no lookup draft. Their caches then need every
+    position since they last drafted re-run: the positions committed since, and the k - 2 before
+    that read drafts (`Decoder.sequential_drafts`'s window)."""
+
+    def __init__(self, dec: Decoder, history: Callable[[int], Sequence[int]], lookup: int, max_ngram: int,
+                 prompt_window: int):
+        if not dec.cfg.greedy:
+            raise ValueError("lookup steps are greedy steps")
         self.dec, self.k = dec, dec.k
         self.history, self.lookup, self.max_ngram = history, lookup, max_ngram
-        self.head_drafts: list[list[int]] | None = None  # each row's heads' drafts from the last pass
+        self.sequential = dec.sequential and dec.k > 1
+        self.prompt_window = prompt_window  # the longest prompt: sequential heads' first drafts re-read it
+        self.head_drafts: list[list[int]] | None = None  # each row's heads' drafts for this step
+        self.drafted_at: list[int] | None = None  # sequential heads: each row's `last` when they last drafted
         self.lookup_steps = 0  # row-steps fed a lookup draft (the others: the heads' drafts, or none)
 
     def start(self, extra, last: torch.Tensor) -> None:
-        if self.k > 1:
+        if self.k > 1 and not self.sequential:  # parallel-type heads' first drafts, from the prefill
             self.head_drafts = self.dec.parallel_drafts(extra, last)[0].tolist()
 
-    def drafts(self) -> tuple[list[list[int]], bool]:
+    def drafts(self, longest: int) -> tuple[list[list[int]], bool]:
         """Each row's drafts for this step, and whether any row's came from the lookup."""
-        dec, out, found = self.dec, [], False
+        dec = self.dec
         active = dec.active.tolist()
-        for b in range(len(active)):
-            d = lookup_draft(self.history(b), self.lookup, self.max_ngram) if active[b] else []
-            if d:
-                found = True
-                self.lookup_steps += 1
-            elif self.head_drafts is not None:
-                d = self.head_drafts[b]
-            out.append(d)
-        return out, found
+        histories = [self.history(b) for b in range(len(active))]
+        found = [lookup_draft(h, self.lookup, self.max_ngram) if a else [] for h, a in zip(histories, active)]
+        if self.sequential and (dec.compiled or not all(found)):
+            self.head_drafts = self.sequential_drafts([len(h) - 2 for h in histories], longest)
+        out = [f if f else (self.head_drafts[b] if self.head_drafts is not None else [])
+               for b, f in enumerate(found)]
+        self.lookup_steps += sum(bool(f) for f in found)
+        return out, any(found)
+
+    def sequential_drafts(self, last: list[int], longest: int) -> list[list[int]]:
+        """Sequential heads' drafts at each row's last read position `last`, over a window that
+        re-runs every position their caches have not seen with final tokens."""
+        dec, k = self.dec, self.k
+        first = self.drafted_at is None
+        if first:  # every position from 0: the prompt's, and those lookup steps committed before
+            window = max(self.prompt_window, max(last) + 1)
+        elif dec.compiled:  # one window for every step (one graph): the most a lookup step can commit
+            window = self.lookup + 1 + k - 2
+        else:
+            window = max(l - d for l, d in zip(last, self.drafted_at)) + k - 2
+        self.drafted_at = last
+        draft = dec.sequential_drafts if first or not dec.compiled else dec.sequential_drafts_fn
+        pos = torch.tensor(last, dtype=torch.long, device=dec.device)
+        tokens, _ = draft(dec.seq, pos, max(window, 1), dec.kv_len(longest))
+        return tokens.tolist()
 
     def advance(self, longest: int, eot_id: int | None) -> torch.Tensor:
         dec = self.dec
-        rows, found = self.drafts()
+        rows, found = self.drafts(longest)
         if dec.compiled:  # a fixed width per kind of step: one graph each
             width = self.lookup if found else self.k - 1
         else:
