@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                     help="also the chains with the heads drafting among the N most frequent stdlib tokens")
     ap.add_argument("--lookup-tokens", type=int, default=10, help="draft length of the prompt lookup peers")
-    ap.add_argument("--lookup", type=int, default=0, metavar="N",
+    ap.add_argument("--lookup", default="", metavar="N[,N...]",
                     help="also our prompt lookup rows (mtp.decode.lookup): up to N tokens, alone and beside the heads")
     ap.add_argument("--tree-max-nodes", type=int, default=32)
     ap.add_argument("--sets", default="code,nl")
@@ -182,6 +182,7 @@ def main() -> None:
     model, tok, _ = load_checkpoint(args.checkpoint)
     model.eval()
     ks = [int(k) for k in args.k.split(",") if k.strip()]
+    lookups = [int(n) for n in args.lookup.split(",") if n.strip()]
     draft_vocab = None
     if args.draft_vocab:
         from mtp.decode.draft_vocab import corpus_draft_vocab
@@ -261,7 +262,7 @@ def main() -> None:
             return out, None
         return run
 
-    report = {"checkpoint": str(args.checkpoint), "threads": threads, "max_new_tokens": N,
+    report = {"checkpoint": str(args.checkpoint), "threads": threads, "max_new_tokens": N, "lookup": lookups,
               "draft_vocab": None if draft_vocab is None else len(draft_vocab),
               "prompt_len": args.prompt_len, "n_prompts": args.n_prompts, "repeats": args.repeats,
               "torch": torch.__version__, "sets": {}}
@@ -271,10 +272,12 @@ def main() -> None:
         if args.compile:
             runs += [(f"mtp {'greedy' if k == 1 else f'k={k} chain'}, compiled",
                       ours(GenerationConfig(max_new_tokens=N, speculative=k, compile=True))) for k in [1] + ks]
-        if args.lookup:  # prompt lookup alone (k = 1) and beside the heads, eager and (--compile) compiled
+        # prompt lookup alone (k = 1) and beside the heads, eager and (--compile) compiled
+        for n in lookups:
             for comp in (False, True) if args.compile else (False,):
-                runs += [(("mtp lookup" if k == 1 else f"mtp k={k} + lookup") + (", compiled" if comp else ""),
-                          ours(GenerationConfig(max_new_tokens=N, speculative=k, lookup=args.lookup, compile=comp)))
+                runs += [(("mtp lookup" if k == 1 else f"mtp k={k} + lookup") + (f" {n}" if len(lookups) > 1 else "")
+                          + (", compiled" if comp else ""),
+                          ours(GenerationConfig(max_new_tokens=N, speculative=k, lookup=n, compile=comp)))
                          for k in [1] + ks]
         if draft_vocab is not None:
             runs += [(f"mtp k={k} chain, dv {len(draft_vocab)}",
