@@ -90,6 +90,19 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(mean of b - mean of a, low, high): a 95% Welch interval of the difference of two means
+    (unequal variances; Welch-Satterthwaite degrees of freedom)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = float(y.mean() - x.mean())
+    if x.size < 2 or y.size < 2:
+        return d, math.nan, math.nan
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    df = (vx + vy) ** 2 / (vx ** 2 / (x.size - 1) + vy ** 2 / (y.size - 1))
+    h = float(t_quantile(0.975, df) * math.sqrt(vx + vy))
+    return d, d - h, d + h
+
+
 def formation_step(run_dir: Path, formed: bool, warmup: int = 100) -> int | None:
     if not formed:
         return None
@@ -132,7 +145,14 @@ def report(rows: list[dict]) -> dict:
                       "formation_steps": [steps[i] for i in np.argsort([r["seed"] for r in rs])],
                       "baseline": float(np.mean([r["baseline"] for r in rs])),
                       "train_minutes": float(np.mean([r["train_seconds"] or math.nan for r in rs])) / 60})
-    summary = {"table": table, "runs": rows, "argv": [["mtp", *sweep_argv(d, ns)] for d, ns in plan()],
+    diffs = []  # n = 2 against n = 1 at each size: the paper's claim is about this difference
+    for dim in sorted({t["dim"] for t in table}):
+        by_n = {t["n"]: t["induction"] for t in table if t["dim"] == dim}
+        if 1 in by_n and 2 in by_n:
+            d, lo, hi = welch_interval(by_n[1], by_n[2])
+            diffs.append({"dim": dim, "params": next(t["params"] for t in table if t["dim"] == dim),
+                          "n2_minus_n1": d, "ci95": [lo, hi], "seeds": [len(by_n[1]), len(by_n[2])]})
+    summary = {"table": table, "differences": diffs, "runs": rows, "argv": [["mtp", *sweep_argv(d, ns)] for d, ns in plan()],
                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
                "written": time.strftime("%Y-%m-%d %H:%M")}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -146,6 +166,11 @@ def report(rows: list[dict]) -> dict:
                      + f"{t['formed']}/{len(t['seeds'])} | "
                      + " / ".join("–" if s is None else str(s) for s in t["formation_steps"])
                      + f" | {t['train_minutes']:.0f} |")
+    lines += ["", "| dim | params | n = 2 minus n = 1 | 95% Welch interval | seeds (n = 1, n = 2) |", "|---|---|---|---|---|"]
+    for d in diffs:
+        ci = "–" if math.isnan(d["ci95"][0]) else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        lines.append(f"| {d['dim']} | {d['params'] / 1e6:.2f}M | {d['n2_minus_n1']:+.3f} | {ci} | "
+                     f"{d['seeds'][0]}, {d['seeds'][1]} |")
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     if table:
         plot(table)

@@ -204,6 +204,9 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
         runs = [hf_greedy(hf_model, batch, max_new_tokens) for batch in batches]
         return [t for toks, _ in runs for t in toks], sum(secs for _, secs in runs)
 
+    def label(k) -> str:  # a setting: k (a chain), "tree", or ("lookup", k)
+        return f"k={k[1]} + lookup {lookup}" if isinstance(k, tuple) else f"k={k}"
+
     results = []
     for b in batch_sizes:
         batches = _batches(prompts, b)
@@ -214,11 +217,11 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
                 settings.append("tree")
         for k in settings:
             if compile:
-                log(f"batch {b}, k={k}: compiling the decode step...")
+                log(f"batch {b}, {label(k)}: compiling the decode step...")
             t0 = time.perf_counter()
             run(batches[:1], k)  # warm-up (allocator; compilation of this k's step)
             if compile:
-                log(f"batch {b}, k={k}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
+                log(f"batch {b}, {label(k)}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
         # the settings take turns, so that a slower spell of the machine hits them alike
         timed = {k: [] for k in settings}
         for _ in range(repeats):
@@ -237,7 +240,6 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
                 f"same tokens as ours: {hf_row['hf_identical']}")
         for k in [*ks, *(s for s in settings if isinstance(s, tuple))]:
             s = max(timed[k], key=lambda r: r.tokens_per_s)
-            name = f"k={k}" if isinstance(k, int) else f"k={k[1]} + lookup {lookup}"
             results.append({
                 **row, "k": k if isinstance(k, int) else k[1], **({} if isinstance(k, int) else {"lookup": lookup}),
                 "spec_tok_s": s.tokens_per_s, "speedup": s.tokens_per_s / greedy.tokens_per_s,
@@ -246,7 +248,7 @@ def run_bench(model, prompts: list[list[int]], batch_sizes: Sequence[int] = (1,)
                 "step_cost": (s.seconds / s.forward_passes) / greedy_step,
                 "identical": s.tokens == greedy.tokens, **(hf_row if hf_model is not None else {}),
             })
-            log(f"batch {b}, {name}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
+            log(f"batch {b}, {label(k)}: {s.tokens_per_s:,.0f} tok/s ({results[-1]['speedup']:.2f}x), "
                 f"{s.tokens_per_forward:.2f} tokens/forward, a step costs {results[-1]['step_cost']:.2f} greedy steps, "
                 f"identical: {results[-1]['identical']}")
             if b in chosen and chosen[b].acceptance and isinstance(k, int):  # what the acceptance expects of the chain
