@@ -13,8 +13,9 @@ machine still has it. The report goes to results/induction_by_size/summary.{json
 to docs/figures/induction_by_size.png.
 
 Formation step: the first evaluation step at which the held-out next-token loss has fallen below
-the midpoint between its plateau (the highest loss after the warm-up) and its final value, for a
-run that formed the mechanism: final induction accuracy at least 0.5, i.e. more than half of the
+the midpoint between its plateau (its value where the first descent flattens: the first evaluation
+after the warm-up from which it falls by less than 3% to the next) and its final value, for a run
+that formed the mechanism: final induction accuracy at least 0.5, i.e. more than half of the
 repeated names' later tokens copied (the first-occurrence baseline, where copying cannot help, is
 about 0.14); otherwise the run did not form it within the budget.
 """
@@ -38,6 +39,7 @@ FIGURE = ROOT / "docs" / "figures" / "induction_by_size.png"
 DIMS = (64, 96, 128, 256)  # 6 blocks, 4 attention heads: about 0.34M, 0.74M, 1.29M and 4.9M parameters
 SEEDS = {64: (0, 1, 2, 3, 4, 5)}  # seeds per size (default 0, 1, 2): more where the outcome varies most
 N4_DIM = 128  # n = 4 is trained at this size as well (the largest one that fits a session)
+FLAT = 0.03  # the first descent has flattened where the loss falls by less than this share per evaluation
 FORMED = 0.5  # induction accuracy from which a run counts as having formed the copying mechanism
 TRAIN = ["--n-layers", "6", "--n-heads", "4", "--max-seq-len", "256", "--seq-len", "256", "--batch-size", "8",
          "--steps", "2500", "--lr", "2e-3", "--warmup", "100", "--eval-every", "100", "--save-every", "250",
@@ -110,10 +112,13 @@ def formation_step(run_dir: Path, formed: bool, warmup: int = 100) -> int | None
     ev = [(r["step"], r["loss"][0]) for r in rows if r.get("kind") == "eval" and r["step"] > warmup]
     if len(ev) < 2:
         return None
-    plateau, final = max(v for _, v in ev), ev[-1][1]
+    # the plateau: where the first descent (from the untrained model's loss) flattens
+    start = next((i for i in range(len(ev) - 1) if ev[i][1] - ev[i + 1][1] < FLAT * ev[i][1]), None)
+    if start is None:
+        return None
+    plateau, final = ev[start][1], ev[-1][1]
     mid = (plateau + final) / 2
-    peak = max(range(len(ev)), key=lambda i: ev[i][1])
-    return next((s for s, v in ev[peak:] if v < mid), None)
+    return next((s for s, v in ev[start:] if v < mid), None)
 
 
 def collect() -> list[dict]:
