@@ -69,7 +69,6 @@ class LookupSteps:
         self.prompt_window = prompt_window  # the longest prompt: sequential heads' first drafts re-read it
         self.head_drafts: list[list[int]] | None = None  # each row's heads' drafts for this step
         self.drafted_at: list[int] | None = None  # sequential heads: each row's `last` when they last drafted
-        self.lookup_steps = 0  # row-steps fed a lookup draft (the others: the heads' drafts, or none)
 
     def start(self, extra, last: torch.Tensor) -> None:
         if self.k > 1 and not self.sequential:  # parallel-type heads' first drafts, from the prefill
@@ -81,11 +80,11 @@ class LookupSteps:
         active = dec.active.tolist()
         histories = [self.history(b) for b in range(len(active))]
         found = [lookup_draft(h, self.lookup, self.max_ngram) if a else [] for h, a in zip(histories, active)]
-        if self.sequential and (dec.compiled or not all(found)):
+        # sequential heads draft for the active rows the lookup left without a draft (a stopped row needs none)
+        if self.sequential and (dec.compiled or any(a and not f for f, a in zip(found, active))):
             self.head_drafts = self.sequential_drafts([len(h) - 2 for h in histories], longest)
         out = [f if f else (self.head_drafts[b] if self.head_drafts is not None else [])
                for b, f in enumerate(found)]
-        self.lookup_steps += sum(bool(f) for f in found)
         return out, any(found)
 
     def sequential_drafts(self, last: list[int], longest: int) -> list[list[int]]:
