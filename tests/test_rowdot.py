@@ -100,3 +100,26 @@ def test_speculative_decoding_with_rowdot_equals_its_greedy_decoding(head_type, 
         spec = generate(model, prompts, GenerationConfig(max_new_tokens=24, speculative=4, pack_weights=False)).tokens
     assert spec == greedy
     assert greedy == plain
+
+
+def test_rowdot_linears_swaps_each_layer_for_the_block_only():
+    """Within rowdot_linears a model's linear layers compute 2..16 rows with rowdot (bit for bit
+    the kernel's result), 1 row with F.linear; a layer with its own forward keeps it; after the
+    block (an exception too) every layer is as it was."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8, bias=False))
+    own = nn.Linear(24, 24)
+    own.forward = lambda x: x  # a forward of its own (as packed_linears leaves one)
+    model.append(own)
+    x = torch.randn(4, 24, generator=g)
+    with torch.no_grad(), packed.rowdot_linears(model):
+        assert packed.kernel_of(model[0], 4) == "rowdot" and packed.kernel_of(model[0], 1) == "linear"
+        assert torch.equal(model[0](x), rowdot.rowdot(x, model[0].weight, model[0].bias))
+        assert torch.equal(model[1](model[0](x)), rowdot.rowdot(model[0](x), model[1].weight))
+        assert torch.equal(model[0](x[:1]), F.linear(x[:1], model[0].weight, model[0].bias))
+        assert model[2](x) is x
+    assert "forward" not in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert "forward" in own.__dict__
+    with pytest.raises(RuntimeError), packed.rowdot_linears(model):
+        raise RuntimeError("a step failed")
+    assert "forward" not in model[0].__dict__ and packed.kernel_of(model[0], 4) == "linear"
