@@ -105,6 +105,13 @@ def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]
     return d, d - h, d + h
 
 
+def interval_text(ci: list[float], signed: bool = True) -> str:
+    """A 95% interval [low, high] for a table ("–" where there is none: fewer than two seeds)."""
+    if math.isnan(ci[0]):
+        return "–"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def formation_step(run_dir: Path, formed: bool, warmup: int = 100) -> int | None:
     if not formed:
         return None
@@ -173,8 +180,7 @@ def report(rows: list[dict]) -> dict:
                      + f" | {t['train_minutes']:.0f} |")
     lines += ["", "| dim | params | n = 2 minus n = 1 | 95% Welch interval | seeds (n = 1, n = 2) |", "|---|---|---|---|---|"]
     for d in diffs:
-        ci = "–" if math.isnan(d["ci95"][0]) else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-        lines.append(f"| {d['dim']} | {d['params'] / 1e6:.2f}M | {d['n2_minus_n1']:+.3f} | {ci} | "
+        lines.append(f"| {d['dim']} | {d['params'] / 1e6:.2f}M | {d['n2_minus_n1']:+.3f} | {interval_text(d['ci95'])} | "
                      f"{d['seeds'][0]}, {d['seeds'][1]} |")
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     if table:

@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from induction_by_size import t_interval, welch_interval  # noqa: E402
+from induction_by_size import interval_text, t_interval, welch_interval  # noqa: E402
 
 OUT = ROOT / "results" / "polyarith_m1"
 FIGURE = ROOT / "docs" / "figures" / "polyarith_m1.png"
@@ -126,7 +126,7 @@ def report(rows: list[dict]) -> dict:
              "next-token loss | tokens/forward | minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         per_seed = " / ".join(f"{x:.3f} [{w[0]:.2f}, {w[1]:.2f}]" for x, w in zip(t["in_domain"], t["wilson"]))
-        ci = "" if math.isnan(t["ci95"][0]) else f" [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]"
+        ci = "" if math.isnan(t["ci95"][0]) else " " + interval_text(t["ci95"], signed=False)
         ops = " ; ".join("/".join(f"{o.get(op, math.nan):.2f}" for op in OPS) for o in t["by_op"])
         lines.append(f"| {t['n']} | {len(t['seeds'])} | {per_seed} | {t['mean']:.3f}{ci} | "
                      + " / ".join(f(x) for x in t["out_of_domain"]) + f" | {ops} | "
@@ -138,9 +138,8 @@ def report(rows: list[dict]) -> dict:
               "95% interval over expressions, these seeds pooled | out of domain difference | seeds |",
               "|---|---|---|---|---|---|"]
     for d in diffs:
-        ci = "–" if math.isnan(d["ci95"][0]) else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-        lines.append(f"| n = {d['n']} minus n = 1 | {d['minus_n1']:+.3f} | {ci} | "
-                     f"[{d['pooled_ci95'][0]:+.3f}, {d['pooled_ci95'][1]:+.3f}] | {d['ood_minus_n1']:+.3f} | "
+        lines.append(f"| n = {d['n']} minus n = 1 | {d['minus_n1']:+.3f} | {interval_text(d['ci95'])} | "
+                     f"{interval_text(d['pooled_ci95'])} | {d['ood_minus_n1']:+.3f} | "
                      f"{d['seeds'][0]}, {d['seeds'][1]} |")
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     if table:
@@ -173,12 +172,11 @@ def plot(table: list[dict]) -> None:
     ax = axes[1]
     width = 0.8 / len(table)
     for j, t in enumerate(table):
-        means = [np.nanmean([o.get(op, math.nan) for o in t["by_op"]]) for op in OPS]
-        ax.bar(np.arange(len(OPS)) + (j - (len(table) - 1) / 2) * width, means, width, color=f"C{j}",
-               label=f"n = {t['n']} (mean over seeds)")
-        for s, o in enumerate(t["by_op"]):
-            ax.scatter(np.arange(len(OPS)) + (j - (len(table) - 1) / 2) * width, [o.get(op, math.nan) for op in OPS],
-                       color="k", s=8, zorder=3)
+        per_seed = [[o.get(op, math.nan) for op in OPS] for o in t["by_op"]]  # seeds x operations
+        x = np.arange(len(OPS)) + (j - (len(table) - 1) / 2) * width
+        ax.bar(x, np.nanmean(per_seed, axis=0), width, color=f"C{j}", label=f"n = {t['n']} (mean over seeds)")
+        for scores in per_seed:
+            ax.scatter(x, scores, color="k", s=8, zorder=3)
     ax.set_xticks(range(len(OPS)), ["negation", "addition", "multiplication", "composition"])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("exact match, in domain")
