@@ -65,6 +65,49 @@ def test_rowdot_under_torch_compile():
     assert torch.equal(compiled(x), f(x))
 
 
+@pytest.mark.parametrize("m,k,n", SHAPES + [(5, 48, 12), (9, 1536, 13)])
+def test_the_packed_layout_gives_the_same_numbers_bit_for_bit(m, k, n):
+    """rowdot_packed(x, pack(w)) equals rowdot(x, w) exactly: rows of x past one pass over a block
+    (MC) and past 16, columns past the last full vector, weight rows past the last block of 4."""
+    g = torch.Generator().manual_seed(m * 7 + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    wp = rowdot.pack(w)
+    assert wp.shape == w.shape
+    if n >= 4 and k >= 32:  # at least a block of 4 rows and two vectors a row: another order
+        assert not torch.equal(wp, w)
+    assert torch.equal(rowdot.rowdot_packed(x, wp, b), rowdot.rowdot(x, w, b))
+    assert torch.equal(rowdot.rowdot_packed(x, wp), rowdot.rowdot(x, w))
+    for i in range(m):  # each row alone too
+        assert torch.equal(rowdot.rowdot_packed(x[i : i + 1], wp)[0], rowdot.rowdot(x, w)[i]), i
+
+
+def test_packing_is_folded_into_a_compiled_graph_with_frozen_weights():
+    """Compiled with frozen weights, rowdot_packed(x, pack(weight)) packs at compile time: the
+    compiled calls run the product only, with the eager result."""
+    from torch.profiler import profile
+
+    from mtp.decode.compile import frozen
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(40, 64), nn.Linear(64, 24, bias=False)
+
+        def forward(self, x):
+            h = torch.relu(rowdot.rowdot_packed(x, rowdot.pack(self.a.weight), self.a.bias))
+            return rowdot.rowdot_packed(h, rowdot.pack(self.b.weight))
+
+    model = Two().eval()
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        compiled = frozen(torch.compile(model, dynamic=False))
+        assert torch.equal(compiled(x), model(x))
+        with profile() as prof:
+            compiled(x)
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("mtp::")}
+    assert calls == {"mtp::rowdot_packed": 2}, calls
+
+
 def test_the_library_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("MTP_CACHE", str(tmp_path))
     path = rowdot._library_path()
@@ -116,6 +159,14 @@ def test_rowdot_linears_swaps_each_layer_for_the_block_only():
         assert packed.kernel_of(model[0], 4) == "rowdot" and packed.kernel_of(model[0], 1) == "linear"
         assert torch.equal(model[0](x), rowdot.rowdot(x, model[0].weight, model[0].bias))
         assert torch.equal(model[1](model[0](x)), rowdot.rowdot(model[0](x), model[1].weight))
+        calls = []
+        real = rowdot.rowdot_packed
+        rowdot.rowdot_packed = lambda *a: calls.append(1) or real(*a)
+        try:
+            model[0](x)  # on the packed layout (the same numbers, as checked above)
+        finally:
+            rowdot.rowdot_packed = real
+        assert calls == [1]
         assert torch.equal(model[0](x[:1]), F.linear(x[:1], model[0].weight, model[0].bias))
         assert model[2](x) is x
     assert "forward" not in model[0].__dict__ and "forward" not in model[1].__dict__

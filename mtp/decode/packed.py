@@ -276,7 +276,13 @@ def _rowdot_forward(mod: nn.Linear):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         m = ref()
-        return _product(COMPILED_ROWDOT, x, m.weight, m.bias)
+        if COMPILED_ROWDOT.kernel(x.numel() // x.shape[-1]) == "rowdot":
+            # the weight in rowdot's packed layout (a block of rows one stream: a compiled k = 4
+            # step of SmolLM2 with heads took 22.8 ms against 24.5 on an AMD EPYC, side by side),
+            # packed at each call: in a compiled step with frozen weights once, at compile time
+            # (inductor folds pack(constant) into a constant)
+            return rowdot.rowdot_packed(x, rowdot.pack(m.weight), m.bias)
+        return F.linear(x, m.weight, m.bias)
     forward.policy = COMPILED_ROWDOT
     return forward
 

@@ -13,7 +13,9 @@ order, so a row's result does not depend on the other rows: verifying k tokens g
 what k greedy steps would (tested). It is compiled once per machine at first use with the system's
 C++ compiler against torch's headers (`-O3 -march=native -fopenmp`, some 10 s; AVX2 + FMA or
 AVX-512 needed) into $MTP_CACHE/kernels (`mtp.data.default_cache_dir`) and loaded as the operator
-`torch.ops.mtp.rowdot` (a call costs some 5 us eagerly and from a compiled graph alike). Where it
+`torch.ops.mtp.rowdot` (a call costs some 5 us eagerly and from a compiled graph alike). `pack` and
+`rowdot_packed` are the same product on the weight laid out for it (each block of 4 rows one
+stream; the same numbers), which compiled decoding uses, packed once at compile time. Where it
 cannot be built (`available()` False, `unavailable_reason()` says why), decoding uses the other
 kernels (mtp.decode.packed chooses among them per row count).
 """
@@ -90,6 +92,8 @@ def _load() -> str | None:
         except (OSError, RuntimeError) as e:
             return str(e)
         torch.library.register_fake("mtp::rowdot")(_rowdot_fake)
+        torch.library.register_fake("mtp::rowdot_packed")(_rowdot_fake)
+        torch.library.register_fake("mtp::rowdot_pack")(lambda w: torch.empty_like(w, memory_format=torch.contiguous_format))
     return None
 
 
@@ -106,16 +110,37 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not available():
+        raise RuntimeError(f"mtp's rowdot kernel is not available: {unavailable_reason()}")
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"rowdot takes float32 CPU tensors, not {x.dtype} on {x.device.type}")
+    n, k = weight.shape
+    if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"rowdot: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"bias {None if bias is None else tuple(bias.shape)} do not fit")
+
+
 def rowdot(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T + bias (N,), float32 on the CPU, as F.linear but with our
     kernel (the operator torch.ops.mtp.rowdot; torch.compile calls it from its graphs)."""
     if not torch.compiler.is_compiling():  # checked once, at tracing, when compiled
-        if not available():
-            raise RuntimeError(f"mtp's rowdot kernel is not available: {unavailable_reason()}")
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"rowdot takes float32 CPU tensors, not {x.dtype} on {x.device.type}")
-        n, k = weight.shape
-        if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
-            raise ValueError(f"rowdot: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                             f"bias {None if bias is None else tuple(bias.shape)} do not fit")
+        _check(x, weight, bias)
     return torch.ops.mtp.rowdot(x, weight, bias)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) float32 in rowdot's packed layout (the same shape; see rowdot.cpp): each block
+    of 4 rows one stream, which `rowdot_packed` reads faster than the rows side by side."""
+    if not torch.compiler.is_compiling():
+        _check(weight[:1], weight, None)
+    return torch.ops.mtp.rowdot_pack(weight)
+
+
+def rowdot_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rowdot(x, weight, bias) given packed = pack(weight): the same numbers, bit for bit. Under
+    torch.compile with frozen weights, `rowdot_packed(x, pack(weight))` packs once, at compile
+    time (inductor folds the packing of a constant into a constant)."""
+    if not torch.compiler.is_compiling():
+        _check(x, packed, bias)
+    return torch.ops.mtp.rowdot_packed(x, packed, bias)
