@@ -51,13 +51,15 @@ from mtp.generate import GenerationConfig, usable_heads
 
 
 def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, draft_vocab=None,
-                compile: bool = False):
-    """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len)."""
+                compile: bool = False, rowdot: bool | None = None):
+    """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len);
+    compile: compiled as --compile decodes (rowdot=False: with inductor's products, see
+    mtp.decode.compile.compile_steps)."""
     cfg = GenerationConfig(speculative=k, stack_heads=stacked, draft_vocab=draft_vocab, compile=compile)
     max_len = compiled_max_len(position + 2 * k) if compile else position + 2 * k
     dec = Decoder(model, k, batch, max_len, cfg).reset(cfg)
     if compile:
-        compile_steps(dec)
+        compile_steps(dec, rowdot=rowdot)
     fed = torch.randint(0, model.config.vocab_size, (batch, k))
     positions = position + torch.arange(k).expand(batch, -1)
     return dec, fed, positions, dec.kv_len(position + k)

@@ -1,5 +1,6 @@
 """The matrix-product kernels of CPU decoding on a model's own weights: F.linear (MKL), oneDNN's
-packed product and mtp's rowdot kernel (mtp.decode.rowdot), at the 1-16 rows of a decode step.
+packed product and mtp's rowdot kernel (mtp.decode.rowdot) on the weights as stored and in its
+packed layout (`rowdot.pack`, as compiled decoding uses it), at the 1-16 rows of a decode step.
 
 Each figure is one pass over every linear layer of the model in order (x of M rows @ each weight),
 so that the weights stream from memory as a decode step reads them (a product timed alone finds
@@ -32,7 +33,20 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, callable]:
         out["packed (oneDNN)"] = lambda x, i: packed.packed_matmul(x, pk[i], None)
     if rowdot.available():
         out["rowdot"] = lambda x, i: rowdot.rowdot(x, weights[i])
+        wp = [rowdot.pack(w) for w in weights]  # the layout compiled decoding packs the weights into
+        out["rowdot, packed layout"] = lambda x, i: rowdot.rowdot_packed(x, wp[i])
     return out
+
+
+def call_cost(fn, x: torch.Tensor, calls: int = 2000) -> float:
+    """Seconds per call of fn(x, 0) on a weight that stays in cache: what a call costs besides
+    reading the weight (which a pass over a model pays once per layer)."""
+    for _ in range(50):
+        fn(x, 0)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(x, 0)
+    return (time.perf_counter() - t0) / calls
 
 
 def main() -> None:
@@ -63,6 +77,10 @@ def main() -> None:
                     t = time.perf_counter() - t0
                     if r:
                         best[name, m] = min(best.get((name, m), float("inf")), t)
+    tiny = kernels([torch.randn(16, 16)])
+    cost = {name: call_cost(fn, torch.randn(1, 16)) for name, fn in tiny.items()}
+    print("a call on a 16 x 16 weight (in cache): "
+          + ", ".join(f"{name} {cost[name] * 1e6:.1f} us" for name in fns) + f" ({len(weights)} calls a pass)")
     best1 = min(best[name, rows[0]] for name in fns)
     print(f"\n| kernel | rows | ms per pass | GB/s | x {rows[0]} row(s) | x best {rows[0]} row(s) |")
     print("|---|---:|---:|---:|---:|---:|")
