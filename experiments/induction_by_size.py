@@ -37,7 +37,7 @@ OUT = ROOT / "results" / "induction_by_size"
 FIGURE = ROOT / "docs" / "figures" / "induction_by_size.png"
 
 DIMS = (64, 96, 128, 256)  # 6 blocks, 4 attention heads: about 0.34M, 0.74M, 1.29M and 4.9M parameters
-SEEDS = {64: (0, 1, 2, 3, 4, 5)}  # seeds per size (default 0, 1, 2): more where the outcome varies most
+SEEDS = {64: tuple(range(12))}  # seeds per size (default 0, 1, 2): more where the outcome varies most
 N4_DIM = 128  # n = 4 is trained at this size as well (the largest one that fits a session)
 FLAT = 0.03  # the first descent has flattened where the loss falls by less than this share per evaluation
 FORMED = 0.5  # induction accuracy from which a run counts as having formed the copying mechanism

@@ -163,10 +163,12 @@ def test_rowdot_linears_swaps_each_layer_for_the_block_only():
         real = rowdot.rowdot_packed
         rowdot.rowdot_packed = lambda *a: calls.append(1) or real(*a)
         try:
-            model[0](x)  # on the packed layout (the same numbers, as checked above)
+            model[0](x)  # 4 rows: on the packed layout (the same numbers, as checked above)
+            assert torch.equal(model[0](torch.cat([x, x])), rowdot.rowdot(torch.cat([x, x]), model[0].weight,
+                                                                          model[0].bias))
         finally:
             rowdot.rowdot_packed = real
-        assert calls == [1]
+        assert calls == [1]  # 8 rows: on the weight as stored
         assert torch.equal(model[0](x[:1]), F.linear(x[:1], model[0].weight, model[0].bias))
         assert model[2](x) is x
     assert "forward" not in model[0].__dict__ and "forward" not in model[1].__dict__

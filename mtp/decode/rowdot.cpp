@@ -55,22 +55,25 @@ static inline float tail_dot(float s, const float *x, const float *w, long n) {
 
 static const long PREFETCH_BLOCKS = 2;  // how far ahead the weight is prefetched, in blocks of R rows
 
-// outputs n .. n+R-1 of M rows: R weight rows at a time, M * R accumulators in registers
-template <int M, int R>
-static void block(const float *x, const float *w, float *y, long K, long N, long n) {
+// outputs n .. n+R-1 of M rows: R weight rows at a time, M * R accumulators in registers. The
+// weight as stored (PACKED false: row n+r at w + (n+r) * K) or in the packed layout below (true:
+// the block's columns k .. k+VW-1 of row r at w + n * K + k * R + r * VW, its tail columns after).
+template <int M, int R, bool PACKED>
+static void dot_block(const float *x, const float *w, float *y, long K, long N, long n, bool prefetch) {
     V acc[M][R];
 #pragma GCC unroll 16
     for (int m = 0; m < M; m++)
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) acc[m][r] = vzero();
     const long kv = K - K % VW;
-    const float *ahead = w + (n + PREFETCH_BLOCKS * R) * K;
+    const float *base = w + n * K, *ahead = base + PREFETCH_BLOCKS * R * K;
     for (long k = 0; k < kv; k += VW) {
         V wv[R];
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
-            wv[r] = vload(w + (n + r) * K + k);
-            _mm_prefetch((const char *)(ahead + r * K + k), _MM_HINT_T0);  // never faults
+            const long at = PACKED ? k * R + r * VW : r * K + k;
+            wv[r] = vload(base + at);
+            if (prefetch) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);  // never faults
         }
 #pragma GCC unroll 16
         for (int m = 0; m < M; m++) {
@@ -81,8 +84,14 @@ static void block(const float *x, const float *w, float *y, long K, long N, long
     }
     for (int m = 0; m < M; m++)
         for (int r = 0; r < R; r++) {
-            y[m * N + n + r] = tail_dot(vsum(acc[m][r]), x + m * K + kv, w + (n + r) * K + kv, K - kv);
+            const float *tail = PACKED ? base + kv * R + r * (K - kv) : base + r * K + kv;
+            y[m * N + n + r] = tail_dot(vsum(acc[m][r]), x + m * K + kv, tail, K - kv);
         }
+}
+
+template <int M, int R>
+static void block(const float *x, const float *w, float *y, long K, long N, long n) {
+    dot_block<M, R, false>(x, w, y, K, N, n, true);
 }
 
 typedef void (*block_fn)(const float *, const float *, float *, long, long, long);
@@ -132,31 +141,7 @@ static void rowdot_kernel(const float *x, const float *w, const float *b, float 
 
 template <int M>
 static void pblock(const float *x, const float *wp, float *y, long K, long N, long n, bool prefetch) {
-    V acc[M][PACK];
-#pragma GCC unroll 16
-    for (int m = 0; m < M; m++)
-#pragma GCC unroll 4
-        for (int r = 0; r < PACK; r++) acc[m][r] = vzero();
-    const long kv = K - K % VW;
-    const float *p = wp + n * K;  // the block of rows n .. n+3
-    const float *ahead = p + PREFETCH_BLOCKS * PACK * K;
-    for (long k = 0; k < kv; k += VW, p += PACK * VW) {
-        V wv[PACK];
-#pragma GCC unroll 4
-        for (int r = 0; r < PACK; r++) wv[r] = vload(p + r * VW);
-        if (prefetch)
-#pragma GCC unroll 4
-            for (int r = 0; r < PACK; r++) _mm_prefetch((const char *)(ahead + (p - wp - n * K) + r * VW), _MM_HINT_T0);
-#pragma GCC unroll 16
-        for (int m = 0; m < M; m++) {
-            const V xv = vload(x + m * K + k);
-#pragma GCC unroll 4
-            for (int r = 0; r < PACK; r++) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
-        }
-    }
-    const long tail = K - kv;  // p now points at the block's tail columns: row r's at p + r * tail
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < PACK; r++) y[m * N + n + r] = tail_dot(vsum(acc[m][r]), x + m * K + kv, p + r * tail, tail);
+    dot_block<M, PACK, true>(x, wp, y, K, N, n, prefetch);
 }
 
 typedef void (*pblock_fn)(const float *, const float *, float *, long, long, long, bool);

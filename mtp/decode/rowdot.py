@@ -34,6 +34,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("rowdot.cpp")
 MAX_ROWS = 16  # rows per pass over the weight (ROWS_MAX in rowdot.cpp); more rows take more passes
+# the most rows compiled decoding multiplies on the packed layout: it takes MC rows per pass over a
+# block, and on an AMD EPYC a pass over SmolLM2's weights took 13.1-15.4 ms for 1-4 rows (plain
+# layout 15.5-17.0) but 22.5 for 8 (plain 18.7; benchmarks/rowdot.py)
+PACKED_ROWS = 4
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 
