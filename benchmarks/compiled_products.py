@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from decode_step import step_inputs  # noqa: E402 (benchmarks/ is the script's directory)
+from decode_step import step_inputs  # benchmarks/, the script's own directory, is on sys.path
 from mtp.checkpoint import load_checkpoint
 
 

@@ -129,9 +129,10 @@ static void rowdot_kernel(const float *x, const float *w, const float *b, float 
 // then its 4 rows' columns past the last full vector (K % VW each); the rows past the last full
 // block (N % 4) as they were. A block is then one stream read front to back, where the plain layout
 // reads 4 rows side by side: on an AMD EPYC with AVX-512 a pass of 4 rows over the weights of
-// SmolLM2 with 3 heads took 17.0 ms against 18.7 (docs/benchmarks.md). Rows of x are taken MC at a time against a block (the
-// block, a few KB, stays in L1 for the next ones); every output is summed in the same order as
-// block() sums it, so the packed product equals the plain one to the bit.
+// SmolLM2 with 3 heads took 13.5-15.4 ms against 15.8-17.0 (docs/benchmarks.md). Rows of x are
+// taken MC at a time against a block (the block, a few KB, stays in L1 for the next ones; at 8
+// rows this lost to the plain layout, so decoding packs for 1-4 rows: rowdot.PACKED_ROWS); every
+// output is summed in the same order as block() sums it, so the two products are equal to the bit.
 #define PACK 4
 #if defined(__AVX512F__)
 #define MC 4  // rows of x per pass over a block: MC * PACK accumulators + PACK weight vectors in 32 registers
