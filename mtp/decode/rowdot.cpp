@@ -185,7 +185,8 @@ static at::Tensor rowdot_pack_cpu(const at::Tensor &w) {
             for (int r = 0; r < PACK; r++, o += tail) std::memcpy(o, rows + r * K + kv, tail * sizeof(float));
         }
     });
-    if (N > blocks * PACK) std::memcpy(d + blocks * PACK * K, s + blocks * PACK * K, (N - blocks * PACK) * K * sizeof(float));
+    const int64_t done = blocks * PACK * K;  // the rows past the last block, as they are
+    if (N > blocks * PACK) std::memcpy(d + done, s + done, (N * K - done) * sizeof(float));
     return out;
 }
 

@@ -97,7 +97,7 @@ def _load() -> str | None:
             return str(e)
         torch.library.register_fake("mtp::rowdot")(_rowdot_fake)
         torch.library.register_fake("mtp::rowdot_packed")(_rowdot_fake)
-        torch.library.register_fake("mtp::rowdot_pack")(lambda w: torch.empty_like(w, memory_format=torch.contiguous_format))
+        torch.library.register_fake("mtp::rowdot_pack")(lambda w: w.new_empty(w.shape))
     return None
 
 
