@@ -43,7 +43,7 @@ def main() -> None:
         from mtp.decode.draft_vocab import checkpoint_draft_vocab
 
         dv = checkpoint_draft_vocab(meta, tok, args.draft_vocab, model.config.vocab_size, None)
-    plans = [(1, "greedy", None)] + [(int(k), products, rowdot) for k in args.k.split(",")
+    plans = [(1, "greedy", True)] + [(int(k), products, rowdot) for k in args.k.split(",")
                                      for products, rowdot in (("rowdot", True), ("inductor", False))]
     runs = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, position {args.position}"

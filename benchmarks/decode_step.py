@@ -51,7 +51,7 @@ from mtp.generate import GenerationConfig, usable_heads
 
 
 def step_inputs(model, k: int, batch: int, position: int, stacked: bool = True, draft_vocab=None,
-                compile: bool = False, rowdot: bool | None = None):
+                compile: bool = False, rowdot: bool = True):
     """A decoder of k heads and one step's inputs at `position`: (decoder, fed, positions, kv_len);
     compile: compiled as --compile decodes (rowdot=False: with inductor's products, see
     mtp.decode.compile.compile_steps)."""

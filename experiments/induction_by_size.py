@@ -23,11 +23,13 @@ about 0.14); otherwise the run did not form it within the budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -188,13 +190,31 @@ def report(rows: list[dict]) -> dict:
     return summary
 
 
-def plot(table: list[dict]) -> None:
+@contextlib.contextmanager
+def two_panels(path: Path) -> Iterator:
+    """A figure of two panels side by side (matplotlib, Agg): yields its axes, written to path
+    (PNG) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    try:
+        yield axes
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot(table: list[dict]) -> None:
+    with two_panels(FIGURE) as axes:
+        _plot(table, axes)
+
+
+def _plot(table: list[dict], axes) -> None:
     for j, n in enumerate(sorted({t["n"] for t in table})):
         ts = [t for t in table if t["n"] == n]
         x = np.array([t["params"] for t in ts]) * (1 + 0.04 * (j - 1))  # side by side
@@ -224,10 +244,6 @@ def plot(table: list[dict]) -> None:
     axes[0].set_title("induction success (mean, 95% interval; dots: seeds)")
     axes[1].set_ylabel("training step")
     axes[1].set_title("when the mechanism formed (held-out loss drop)")
-    fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from induction_by_size import interval_text, t_interval, welch_interval  # noqa: E402
+from induction_by_size import interval_text, t_interval, two_panels, welch_interval  # noqa: E402
 
 OUT = ROOT / "results" / "polyarith_m1"
 FIGURE = ROOT / "docs" / "figures" / "polyarith_m1.png"
@@ -148,12 +148,11 @@ def report(rows: list[dict]) -> dict:
 
 
 def plot(table: list[dict]) -> None:
-    import matplotlib
+    with two_panels(FIGURE) as axes:
+        _plot(table, axes)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def _plot(table: list[dict], axes) -> None:
     ax = axes[0]
     for j, t in enumerate(table):
         x = np.full(len(t["in_domain"]), j, dtype=float) + np.linspace(-0.08, 0.08, len(t["in_domain"]))
@@ -182,10 +181,6 @@ def plot(table: list[dict]) -> None:
     ax.set_ylabel("exact match, in domain")
     ax.set_title("by operation (dots: seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -103,7 +103,7 @@ def with_rowdot(dec: Decoder, wrap: Callable[[Callable], Callable]) -> Callable[
     return wrap_rowdot
 
 
-def compile_steps(dec: Decoder, rowdot: bool | None = None) -> Decoder:
+def compile_steps(dec: Decoder, rowdot: bool = True) -> Decoder:
     """Compile dec's step functions (each compiles at its first call) by this device's plan: on a
     CPU, for a float32 model too big for the cache, with the products of a step's 2-16 rows on
     mtp's rowdot kernel (`uses_rowdot`; rowdot=False: on inductor's kernels, as where rowdot does
@@ -111,7 +111,7 @@ def compile_steps(dec: Decoder, rowdot: bool | None = None) -> Decoder:
     in about half the time and cache on disk, but a greedy step of SmolLM2 took 29-31 ms instead
     of 27-28)."""
     how, wrap, weights_in = compile_plan(dec.device, prepacks(dec.model, dec.cfg.pack_weights))
-    if uses_rowdot(dec.model, dec.cfg.pack_weights) and rowdot is not False:
+    if rowdot and uses_rowdot(dec.model, dec.cfg.pack_weights):
         wrap = with_rowdot(dec, wrap)
     dec.compiled = True  # one graph per (batch, k): attention always reads the whole cache (kv_len = max_len)
     # weights compiled in as constants (CPU): decoder_for checks that they have not changed
