@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtp.decode import attend
+
 if TYPE_CHECKING:
     from mtp.model import MTPTransformer
 
@@ -67,12 +69,17 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """Attention of decoding queries q (B, H, T, hd) over a cache's keys and values
     (B, Hkv, S, hd), masked by mask (B, 1, T, S), -> (B, H, T, hd).
 
-    Eager: scaled_dot_product_attention. Compiled for a CPU: the same product written out, which
-    inductor fuses into its own kernels; SDPA stays an opaque call there, whose cost at a few
-    queries (about 40 us on a small model's step) exceeds all the arithmetic around it."""
+    Eager: scaled_dot_product_attention. Compiled for a CPU: mtp's attend kernel in float32
+    (`mtp.decode.attend`: only the positions each query sees, and a query's output independent of
+    the others'; on SmolLM2 35 us a layer for 4 queries, where the inductor code below took 107),
+    else the same product written out, which inductor fuses into its own kernels; SDPA stays an
+    opaque call there, whose cost at a few queries (about 40 us on a small model's step) exceeds
+    all the arithmetic around it."""
     if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                               enable_gqa=k.shape[1] != q.shape[1])
+    if attend.usable(q, k):
+        return attend.attend(q, k, v, mask)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -10,41 +10,13 @@
 // Every output is one dot product, summed in the same order whatever M, the block or the thread:
 // the results for a row do not depend on the other rows (a speculative step's tokens then equal
 // greedy decoding's to the bit).
-#include <immintrin.h>
-
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <cstring>
 #include <torch/library.h>
 
-#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
-#error "rowdot needs AVX2 and FMA, or AVX-512"
-#endif
-
-// the sum of 8 lanes, in a fixed order
-static inline float sum8(__m256 a) {
-    __m128 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    c = _mm_add_ps(c, _mm_movehl_ps(c, c));
-    c = _mm_add_ss(c, _mm_movehdup_ps(c));
-    return _mm_cvtss_f32(c);
-}
-
-#if defined(__AVX512F__)
-#define VW 16
-typedef __m512 V;
-static inline V vzero() { return _mm512_setzero_ps(); }
-static inline V vload(const float *p) { return _mm512_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(V v) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
-#else
-#define VW 8
-typedef __m256 V;
-static inline V vzero() { return _mm256_setzero_ps(); }
-static inline V vload(const float *p) { return _mm256_loadu_ps(p); }
-static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(V v) { return sum8(v); }
-#endif
+#include "simd.h"
 
 // the columns past the last full vector, added to s one by one with explicit fused multiply-adds (so
 // that the plain and the packed kernels round them alike, whatever the compiler contracts)
@@ -53,7 +25,11 @@ static inline float tail_dot(float s, const float *x, const float *w, long n) {
     return s;
 }
 
-static const long PREFETCH_BLOCKS = 2;  // how far ahead the weight is prefetched, in blocks of R rows
+// how far ahead the weight is prefetched, in blocks of R rows, and into which cache: L2 (hint T2), not L1
+// (T0). On an AMD EPYC (Zen 4) with AVX-512, over SmolLM2's shapes (441 MB of layers and its unembedding,
+// 1 and 2 threads), T0 made 4 rows cost 1.06-1.39x one row's pass, T2 0.95-1.06x, at the same or a better
+// time for one row (4 rows: 16.4-24.7 ms against 22.8-37.7; benchmarks in docs/benchmarks.md)
+static const long PREFETCH_BLOCKS = 2;
 
 // outputs n .. n+R-1 of M rows: R weight rows at a time, M * R accumulators in registers. The
 // weight as stored (PACKED false: row n+r at w + (n+r) * K) or in the packed layout below (true:
@@ -73,7 +49,7 @@ static void dot_block(const float *x, const float *w, float *y, long K, long N, 
         for (int r = 0; r < R; r++) {
             const long at = PACKED ? k * R + r * VW : r * K + k;
             wv[r] = vload(base + at);
-            if (prefetch) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T0);  // never faults
+            if (prefetch) _mm_prefetch((const char *)(ahead + at), _MM_HINT_T2);  // never faults
         }
 #pragma GCC unroll 16
         for (int m = 0; m < M; m++) {

@@ -33,6 +33,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("rowdot.cpp")
+# mtp's CPU kernels, built into one library: rowdot (products) and attend (mtp.decode.attend), on
+# the vector operations of simd.h
+SOURCES = [SOURCE, SOURCE.with_name("attend.cpp")]
+HEADERS = [SOURCE.with_name("simd.h")]
 MAX_ROWS = 16  # rows per pass over the weight (ROWS_MAX in rowdot.cpp); more rows take more passes
 # the most rows compiled decoding multiplies on the packed layout: it takes MC rows per pass over a
 # block, and on an AMD EPYC a pass over SmolLM2's weights took 13.1-15.4 ms for 1-4 rows (plain
@@ -63,19 +67,20 @@ def _torch_flags() -> list[str]:
 def _library_path() -> Path:
     from mtp.data import default_cache_dir
 
-    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS + _torch_flags()), torch.__version__, _cpu_signature()])
+    sources = [p.read_text() for p in SOURCES + HEADERS]
+    key = "\n".join([*sources, " ".join(FLAGS + _torch_flags()), torch.__version__, _cpu_signature()])
     return default_cache_dir() / "kernels" / f"rowdot-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
-    """Compile rowdot.cpp into target (written elsewhere, then renamed: concurrent builds are safe)."""
+    """Compile the kernels (SOURCES) into target (written elsewhere, then renamed: concurrent builds are safe)."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), *_torch_flags()],
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), *_torch_flags()],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -98,11 +103,17 @@ def _load() -> str | None:
         torch.library.register_fake("mtp::rowdot")(_rowdot_fake)
         torch.library.register_fake("mtp::rowdot_packed")(_rowdot_fake)
         torch.library.register_fake("mtp::rowdot_pack")(lambda w: w.new_empty(w.shape))
+        torch.library.register_fake("mtp::attend")(_attend_fake)
     return None
 
 
 def _rowdot_fake(x, w, b=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _attend_fake(q, k, v, mask, scale):
+    B, H, T, hd = q.shape
+    return q.new_empty(B, T, H, hd).transpose(1, 2)  # laid out (B, T, H, hd), as attend.cpp returns it
 
 
 def available() -> bool:
