@@ -47,6 +47,14 @@ def test_attend_computes_what_sdpa_computes(B, H, G, T, S, hd):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_scores_far_apart():
+    """Weights that underflow to 0 next to ones that do not (the kernel's own exp, checked far
+    from the maximum), and a cache length past the last full vector."""
+    q, k, v, mask = cache_case(2, 4, 2, 3, 53, 32, seed=13)
+    q = q * 40
+    torch.testing.assert_close(attend.attend(q, k, v, mask), sdpa(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_a_tree_mask_per_query_and_per_head():
     """Any boolean mask: a token tree's (each node sees the committed positions and its
     ancestors), given per head too."""

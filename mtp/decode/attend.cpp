@@ -35,31 +35,76 @@ inline float dot(const float *a, const float *b, long hd) {
     return s;
 }
 
+// e^x lane by lane for x <= 0 (Cephes' expf: 2^n times a polynomial on the remainder; about 1 ulp),
+// and 0 where x is -inf (a position the query does not see)
+inline V vexp_or_zero(V x) {
+    const V ninf = vset1(-std::numeric_limits<float>::infinity());
+#if defined(__AVX512F__)
+    const __mmask16 hidden = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
+    x = _mm512_max_ps(x, vset1(-87.3f));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const V hidden = _mm256_cmp_ps(x, ninf, _CMP_EQ_OQ);
+    x = _mm256_max_ps(x, vset1(-87.3f));
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+    V r = vfma(n, vset1(-0.693359375f), x);
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    V p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+#if defined(__AVX512F__)
+    p = _mm512_add_ps(vfma(p, _mm512_mul_ps(r, r), r), vset1(1.f));
+    const V scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps(~hidden, p, scale);
+#else
+    p = _mm256_add_ps(vfma(p, _mm256_mul_ps(r, r), r), vset1(1.f));
+    const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_andnot_ps(hidden, _mm256_mul_ps(p, scale));
+#endif
+}
+
 // one query: q (hd), the group's keys and values (row s at k + s * ks), its mask (mask[s * ms]),
 // out (hd); sc: S floats of scratch
 template <int HV>
 void attend_query(const float *q, const float *k, const float *v, int64_t ks, int64_t vs, const bool *mask,
                   int64_t ms, long S, long hd, float scale, float *out, float *sc) {
-    float mx = -std::numeric_limits<float>::infinity();
+    const float ninf = -std::numeric_limits<float>::infinity();
+    float mx = ninf;
     for (long s = 0; s < S; s++) {
-        if (!mask[s * ms]) continue;
-        sc[s] = dot<HV>(q, k + s * ks, hd) * scale;
+        sc[s] = mask[s * ms] ? dot<HV>(q, k + s * ks, hd) * scale : ninf;
         mx = sc[s] > mx ? sc[s] : mx;
     }
-    if (mx == -std::numeric_limits<float>::infinity()) {  // nothing to attend to: zeros, not NaN
+    if (mx == ninf) {  // nothing to attend to: zeros, not NaN
         for (long j = 0; j < hd; j++) out[j] = 0.f;
         return;
     }
-    float sum = 0.f;
-    for (long s = 0; s < S; s++)
-        if (mask[s * ms]) {
-            sc[s] = std::exp(sc[s] - mx);
-            sum += sc[s];
-        }
+    // the weights e^(score - max), 0 where hidden, and their sum, in a fixed order
+    const long sv = S - S % VW;
+    const V vmx = vset1(mx);
+    V vsum_ = vzero();
+    for (long s = 0; s < sv; s += VW) {
+#if defined(__AVX512F__)
+        const V e = vexp_or_zero(_mm512_sub_ps(vload(sc + s), vmx));
+        vsum_ = _mm512_add_ps(vsum_, e);
+#else
+        const V e = vexp_or_zero(_mm256_sub_ps(vload(sc + s), vmx));
+        vsum_ = _mm256_add_ps(vsum_, e);
+#endif
+        vstore(sc + s, e);
+    }
+    float sum = vsum(vsum_);
+    for (long s = sv; s < S; s++) {
+        sc[s] = sc[s] == ninf ? 0.f : std::exp(sc[s] - mx);
+        sum += sc[s];
+    }
     const float inv = 1.f / sum;
-    V acc[HV > 0 ? HV : 1];
-    for (long j = 0; j < (HV > 0 ? HV : 1); j++) acc[j] = vzero();
     if (HV > 0) {
+        V acc[HV > 0 ? HV : 1];
+        for (int j = 0; j < HV; j++) acc[j] = vzero();
         for (long s = 0; s < S; s++)
             if (mask[s * ms]) {
                 const V p = vset1(sc[s] * inv);
