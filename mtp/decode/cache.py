@@ -80,6 +80,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                               enable_gqa=k.shape[1] != q.shape[1])
     if attend.usable(q, k):
         return attend.attend(q, k, v, mask)
+    return written_out_attention(q, k, v, mask)
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cached_attention as products and a softmax, for inductor to fuse (compiled, where the
+    attend kernel does not apply)."""
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
