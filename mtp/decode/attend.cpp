@@ -21,7 +21,7 @@
 namespace {
 
 struct Strides {
-    int64_t b, h, t;  // the innermost (hd or S) is 1 for q, k, v and s for the mask
+    int64_t b, h, t;  // of the batch, head and position dimensions (the last one's stride is 1)
 };
 
 // the dot product of hd floats: HV full vectors (HV > 0: a compile-time count) then a tail, in a fixed order
@@ -42,7 +42,8 @@ inline V vexp_or_zero(V x) {
 #if defined(__AVX512F__)
     const __mmask16 hidden = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
     x = _mm512_max_ps(x, vset1(-87.3f));
-    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504f)),  // x / ln 2, rounded
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
     const V hidden = _mm256_cmp_ps(x, ninf, _CMP_EQ_OQ);
     x = _mm256_max_ps(x, vset1(-87.3f));
@@ -58,11 +59,13 @@ inline V vexp_or_zero(V x) {
     p = vfma(p, r, vset1(5.0000001201e-1f));
 #if defined(__AVX512F__)
     p = _mm512_add_ps(vfma(p, _mm512_mul_ps(r, r), r), vset1(1.f));
-    const V scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+    const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    const V scale = _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));  // 2^n
     return _mm512_maskz_mul_ps(~hidden, p, scale);
 #else
     p = _mm256_add_ps(vfma(p, _mm256_mul_ps(r, r), r), vset1(1.f));
-    const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    const V scale = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));  // 2^n
     return _mm256_andnot_ps(hidden, _mm256_mul_ps(p, scale));
 #endif
 }
