@@ -65,21 +65,26 @@ def weights_key(*modules: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
 
 
+# the most queries a step sends to the attend kernel (a decode step's k, a tree's nodes); a longer
+# prefill keeps SDPA, which blocks its queries (16: 74 us a layer on attend, 108 on SDPA)
+ATTEND_QUERIES = 16
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of decoding queries q (B, H, T, hd) over a cache's keys and values
     (B, Hkv, S, hd), masked by mask (B, 1, T, S), -> (B, H, T, hd).
 
-    Eager: scaled_dot_product_attention. Compiled for a CPU: mtp's attend kernel in float32
-    (`mtp.decode.attend`: only the positions each query sees, and a query's output independent of
-    the others'; on SmolLM2 20 us a layer for 4 queries, where the inductor code below took 90),
-    else the same product written out, which inductor fuses into its own kernels; SDPA stays an
-    opaque call there, whose cost at a few queries (about 40 us on a small model's step) exceeds
-    all the arithmetic around it."""
+    On a CPU in float32, a step of up to ATTEND_QUERIES queries: mtp's attend kernel, eager and
+    compiled (`mtp.decode.attend`: only the positions each query sees, and a query's output
+    independent of the others'; on SmolLM2 9 / 20 us a layer for 1 / 4 queries, where SDPA took
+    29 / 55 and inductor's code below 41 / 90). Otherwise eager: scaled_dot_product_attention;
+    compiled for a CPU: the product written out, which inductor fuses into its own kernels (SDPA
+    stays an opaque call there, whose cost at a few queries exceeds the arithmetic around it)."""
+    if q.shape[2] <= ATTEND_QUERIES and attend.usable(q, k):
+        return attend.attend(q, k, v, mask)
     if not (torch.compiler.is_compiling() and q.device.type == "cpu"):
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    if attend.usable(q, k):
-        return attend.attend(q, k, v, mask)
     return written_out_attention(q, k, v, mask)
 
 
