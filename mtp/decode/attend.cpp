@@ -1,4 +1,4 @@
-// Attention of a decode step's few queries over a static KV cache, for compiled CPU decoding
+// Attention of a decode step's few queries over a static KV cache, for CPU decoding, eager and compiled
 // (mtp/decode/attend.py): the operator mtp::attend, built into the same library as mtp::rowdot.
 //
 // out (B, H, T, hd) = softmax(q k^T * scale, masked) v, with q (B, H, T, hd), the cache's keys and

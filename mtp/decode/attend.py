@@ -8,7 +8,8 @@ of each group of heads for grouped-query attention and sums each score across th
 `attend` is our kernel for it (`attend.cpp`, built with rowdot into one library): each query reads
 only the positions its mask lets it see, straight from its group's cache, in a fixed order, so a
 query's output does not depend on the step's other queries (a speculative step's attention equals
-a greedy step's to the bit).
+a greedy step's to the bit). Eager steps of up to 16 queries use it too (SDPA took 29 / 55 us a
+layer for 1 / 4 queries, attend 9 / 20: `mtp.decode.cache.cached_attention`, benchmarks/attend.py).
 """
 
 from __future__ import annotations
