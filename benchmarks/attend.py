@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtp.decode import attend
+from mtp.decode import attend, rowdot
 from mtp.decode.cache import written_out_attention
 from mtp.decode.compile import CPU_COMPILE
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not attend.usable(torch.zeros(1), torch.zeros(1)):
+    if not rowdot.available():
         raise SystemExit("mtp's kernels do not build here (mtp.decode.rowdot.unavailable_reason())")
     compiled = torch.compile(written_out_attention, dynamic=False, options=CPU_COMPILE)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.heads} heads over {args.groups} "

@@ -90,13 +90,8 @@ void attend_query(const float *q, const float *k, const float *v, int64_t ks, in
     const V vmx = vset1(mx);
     V vsum_ = vzero();
     for (long s = 0; s < sv; s += VW) {
-#if defined(__AVX512F__)
-        const V e = vexp_or_zero(_mm512_sub_ps(vload(sc + s), vmx));
-        vsum_ = _mm512_add_ps(vsum_, e);
-#else
-        const V e = vexp_or_zero(_mm256_sub_ps(vload(sc + s), vmx));
-        vsum_ = _mm256_add_ps(vsum_, e);
-#endif
+        const V e = vexp_or_zero(vsub(vload(sc + s), vmx));
+        vsum_ = vadd(vsum_, e);
         vstore(sc + s, e);
     }
     float sum = vsum(vsum_);
@@ -105,8 +100,8 @@ void attend_query(const float *q, const float *k, const float *v, int64_t ks, in
         sum += sc[s];
     }
     const float inv = 1.f / sum;
-    if (HV > 0) {
-        V acc[HV > 0 ? HV : 1];
+    if constexpr (HV > 0) {
+        V acc[HV];
         for (int j = 0; j < HV; j++) acc[j] = vzero();
         for (long s = 0; s < S; s++)
             if (mask[s * ms]) {
@@ -116,14 +111,14 @@ void attend_query(const float *q, const float *k, const float *v, int64_t ks, in
                 for (int j = 0; j < HV; j++) acc[j] = vfma(p, vload(vr + j * VW), acc[j]);
             }
         for (int j = 0; j < HV; j++) vstore(out + j * VW, acc[j]);
-        return;
+    } else {
+        for (long j = 0; j < hd; j++) out[j] = 0.f;  // any hd: one column at a time
+        for (long s = 0; s < S; s++)
+            if (mask[s * ms]) {
+                const float p = sc[s] * inv;
+                for (long j = 0; j < hd; j++) out[j] = __builtin_fmaf(p, v[s * vs + j], out[j]);
+            }
     }
-    for (long j = 0; j < hd; j++) out[j] = 0.f;  // any hd: one column at a time
-    for (long s = 0; s < S; s++)
-        if (mask[s * ms]) {
-            const float p = sc[s] * inv;
-            for (long j = 0; j < hd; j++) out[j] = __builtin_fmaf(p, v[s * vs + j], out[j]);
-        }
 }
 
 typedef void (*query_fn)(const float *, const float *, const float *, int64_t, int64_t, const bool *, int64_t,
@@ -140,24 +135,23 @@ query_fn pick(long hd) {
     }
 }
 
-at::Tensor attend_cpu(const at::Tensor &q_, const at::Tensor &k_, const at::Tensor &v_, const at::Tensor &mask_,
+at::Tensor attend_cpu(const at::Tensor &q_, const at::Tensor &k_, const at::Tensor &v_, const at::Tensor &mask,
                       double scale) {
     TORCH_CHECK(q_.scalar_type() == at::kFloat && k_.scalar_type() == at::kFloat && v_.scalar_type() == at::kFloat,
                 "attend takes float32 q, k, v");
-    TORCH_CHECK(mask_.scalar_type() == at::kBool, "attend takes a boolean mask");
-    TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4 && mask_.dim() == 4, "attend takes 4-D tensors");
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "attend takes a boolean mask");
+    TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4 && mask.dim() == 4, "attend takes 4-D tensors");
     const int64_t B = q_.size(0), H = q_.size(1), T = q_.size(2), hd = q_.size(3);
     const int64_t G = k_.size(1), S = k_.size(2);
     TORCH_CHECK(k_.size(0) == B && v_.size(0) == B && v_.size(1) == G && v_.size(2) == S && k_.size(3) == hd &&
                     v_.size(3) == hd && G > 0 && H % G == 0,
                 "attend: q, k, v do not fit");
-    TORCH_CHECK(mask_.size(0) == B && (mask_.size(1) == 1 || mask_.size(1) == H) && mask_.size(2) == T &&
-                    mask_.size(3) == S,
+    TORCH_CHECK(mask.size(0) == B && (mask.size(1) == 1 || mask.size(1) == H) && mask.size(2) == T &&
+                    mask.size(3) == S,
                 "attend: the mask does not fit");
     // the innermost dimension contiguous (a cache's view is; anything else is copied once)
     const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous(), k = k_.stride(3) == 1 ? k_ : k_.contiguous(),
                      v = v_.stride(3) == 1 ? v_ : v_.contiguous();
-    const at::Tensor &mask = mask_;
     at::Tensor out = at::empty({B, T, H, hd}, q.options());
     const Strides qs{q.stride(0), q.stride(1), q.stride(2)}, kst{k.stride(0), k.stride(1), k.stride(2)},
         vst{v.stride(0), v.stride(1), v.stride(2)};

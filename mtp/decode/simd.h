@@ -22,6 +22,8 @@ static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vset1(float a) { return _mm512_set1_ps(a); }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 static inline void vstore(float *p, V a) { _mm512_storeu_ps(p, a); }
 static inline float vsum(V v) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
 #else
@@ -31,6 +33,8 @@ static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vload(const float *p) { return _mm256_loadu_ps(p); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V vset1(float a) { return _mm256_set1_ps(a); }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
 static inline void vstore(float *p, V a) { _mm256_storeu_ps(p, a); }
 static inline float vsum(V v) { return sum8(v); }
 #endif
